@@ -1,0 +1,339 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/procfs"
+	"golang.org/x/sys/unix"
+)
+
+// scratchEnvKeys name the scratch dir in the function's environment.
+var scratchEnvKeys = []string{"TMPDIR"}
+
+func envKeyEqual(a, b string) bool { return a == b }
+
+// runner is the unprivileged user functions run as.
+type runner struct {
+	name     string
+	uid, gid uint32
+}
+
+// host is the Linux containment: a process group always, a cgroup
+// hierarchy and a runner user when the host allows them.
+type host struct {
+	cgroups cgroupDriver // nil: no writable cgroup
+	runner  *runner      // nil: run as the agent itself
+	pids    int64
+	proc    procfs.FS
+}
+
+func newHost(cfg Config, instance string) (*host, Isolation, error) {
+	proc, err := procfs.NewFS("/proc")
+	if err != nil {
+		return nil, Isolation{}, fmt.Errorf("procfs: %w", err)
+	}
+	h := &host{pids: cfg.PidsLimit, proc: proc}
+	iso := Isolation{Cgroup: "none", UID: os.Geteuid()}
+	if u, err := user.Current(); err == nil {
+		iso.User = u.Username
+	}
+	root := os.Geteuid() == 0
+
+	switch {
+	case cfg.User == "":
+		iso.Degraded = append(iso.Degraded, "no user configured: functions run as the agent's own user")
+	case !root:
+		iso.Degraded = append(iso.Degraded, fmt.Sprintf("agent is not root: cannot run functions as %q, they run as the agent's own user", cfg.User))
+	default:
+		r, err := lookupRunner(cfg.User)
+		if err != nil {
+			iso.Degraded = append(iso.Degraded, fmt.Sprintf("%v: functions run as the agent's own user", err))
+			break
+		}
+		h.runner = r
+		iso.User, iso.UID = r.name, int(r.uid)
+	}
+
+	drv, reason := openCgroups(cfg, instance, proc, cfg.Logger)
+	if drv == nil {
+		iso.Degraded = append(iso.Degraded, reason+": no memory, cpu or pids limits, and a kill reaches only the process group")
+	} else {
+		h.cgroups = drv
+		iso.Cgroup = drv.version()
+	}
+	return h, iso, nil
+}
+
+func lookupRunner(name string) (*runner, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return nil, fmt.Errorf("user %q: %w", name, err)
+	}
+	uid, err := strconv.ParseUint(u.Uid, 10, 32)
+	if err != nil {
+		return nil, fmt.Errorf("user %q: uid %q: %w", name, u.Uid, err)
+	}
+	gid, err := strconv.ParseUint(u.Gid, 10, 32)
+	if err != nil {
+		return nil, fmt.Errorf("user %q: gid %q: %w", name, u.Gid, err)
+	}
+	if uid == 0 {
+		return nil, fmt.Errorf("user %q has uid 0", name)
+	}
+	return &runner{name: u.Username, uid: uint32(uid), gid: uint32(gid)}, nil
+}
+
+func (h *host) close() error {
+	if h.cgroups == nil {
+		return nil
+	}
+	return h.cgroups.close()
+}
+
+func (h *host) ownScratch(dir string) error {
+	if h.runner == nil {
+		return nil
+	}
+	if err := os.Chown(dir, int(h.runner.uid), int(h.runner.gid)); err != nil {
+		return fmt.Errorf("chown to %s: %w", h.runner.name, err)
+	}
+	return nil
+}
+
+// box is one execution's containment.
+type box struct {
+	pid    int // also the process group id
+	cgroup execCgroup
+	proc   procfs.FS
+}
+
+// start starts cmd in its own process group, as the runner, with
+// no_new_privs, inside a new cgroup named name.
+func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (*box, error) {
+	attr := &syscall.SysProcAttr{Setpgid: true}
+	if h.runner != nil {
+		attr.Credential = &syscall.Credential{
+			Uid:    h.runner.uid,
+			Gid:    h.runner.gid,
+			Groups: []uint32{}, // setgroups(0): no supplementary groups
+		}
+	}
+	cmd.SysProcAttr = attr
+
+	var cg execCgroup
+	if h.cgroups != nil {
+		l := resolvedLimits{memory: limits.MemoryBytes, cpuMillicores: limits.CPUMillicores, pids: h.pids}
+		if limits.Pids != nil {
+			l.pids = *limits.Pids
+		}
+		var err error
+		if cg, err = h.cgroups.create(name, l); err != nil {
+			return nil, err
+		}
+	}
+	if err := startOnDedicatedThread(cmd, cg); err != nil {
+		if cg != nil {
+			err = errors.Join(err, cg.remove())
+		}
+		return nil, err
+	}
+	return &box{pid: cmd.Process.Pid, cgroup: cg, proc: h.proc}, nil
+}
+
+// startOnDedicatedThread forks from a thread that exists for this start
+// only. It gets no_new_privs (inherited by the child through exec, and
+// impossible to clear) and, on cgroup v1, joins the execution's cgroup so
+// the child is born there; the thread is then thrown away rather than
+// returned to the Go scheduler.
+func startOnDedicatedThread(cmd *exec.Cmd, cg execCgroup) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// No UnlockOSThread: when this goroutine returns, the runtime ends
+		// the thread with its no_new_privs and cgroup membership.
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			errc <- fmt.Errorf("no_new_privs: %w", err)
+			return
+		}
+		var leave func() error
+		if cg != nil {
+			var err error
+			if leave, err = cg.enter(cmd.SysProcAttr); err != nil {
+				errc <- err
+				return
+			}
+		}
+		err := cmd.Start()
+		if err != nil {
+			err = fmt.Errorf("start %s: %w", cmd.Path, err)
+		}
+		if leave != nil {
+			// The thread dies anyway; leaving keeps it out of the
+			// execution's counters and lets the cgroup be removed at once.
+			_ = leave()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+// terminate asks the whole tree to stop (the timeout's first step).
+func (b *box) terminate() error {
+	err := ignoreESRCH(unix.Kill(-b.pid, unix.SIGTERM))
+	if b.cgroup != nil {
+		err = errors.Join(err, b.cgroup.signalAll(unix.SIGTERM))
+	}
+	return err
+}
+
+// kill kills the whole tree at once: with a cgroup every process in it,
+// also ones that left the process group; otherwise the process group.
+func (b *box) kill() error {
+	err := ignoreESRCH(unix.Kill(-b.pid, unix.SIGKILL))
+	if b.cgroup != nil {
+		err = errors.Join(err, b.cgroup.kill())
+	}
+	return err
+}
+
+// waitEmpty confirms the tree is gone: the cgroup is empty, or without one,
+// no live process is left in the process group.
+func (b *box) waitEmpty(timeout time.Duration) error {
+	if b.cgroup != nil {
+		return b.cgroup.waitEmpty(timeout)
+	}
+	deadline := time.Now().Add(timeout)
+	for pause := time.Millisecond; ; pause = min(2*pause, 50*time.Millisecond) {
+		left, err := liveGroupMembers(b.proc, b.pid)
+		if err != nil || len(left) == 0 {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("process group %d: processes %v still alive after %v", b.pid, left, timeout)
+		}
+		time.Sleep(pause)
+	}
+}
+
+// liveGroupMembers lists the processes of group pgid that are not zombies
+// (a zombie is dead; only its parent's wait removes it).
+func liveGroupMembers(fs procfs.FS, pgid int) ([]int, error) {
+	procs, err := fs.AllProcs()
+	if err != nil {
+		return nil, fmt.Errorf("listing processes: %w", err)
+	}
+	var left []int
+	for _, p := range procs {
+		st, err := p.Stat()
+		if err != nil {
+			continue // gone meanwhile
+		}
+		if st.PGRP == pgid && st.State != "Z" && st.State != "X" {
+			left = append(left, p.PID)
+		}
+	}
+	return left, nil
+}
+
+func (b *box) limited() bool { return b.cgroup != nil }
+
+// measure fills what the cgroup counted; without one, the main process's
+// own rusage (which includes the children it waited for).
+func (b *box) measure(res *Result, state *os.ProcessState) {
+	if state != nil {
+		if ru, ok := state.SysUsage().(*syscall.Rusage); ok {
+			res.PeakMemoryBytes = uint64(ru.Maxrss) * 1024
+			res.CPUTime = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		}
+	}
+	if b.cgroup != nil {
+		b.cgroup.measure(res)
+	}
+}
+
+func (b *box) remove() error {
+	if b.cgroup == nil {
+		return nil
+	}
+	return b.cgroup.remove()
+}
+
+// waitExited blocks until the process has exited, without reaping it: the
+// zombie keeps its pid and process group id from being reused while the
+// rest of the group is killed.
+func waitExited(p *os.Process) error {
+	for {
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_PID, p.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
+}
+
+func exitStatus(state *os.ProcessState) (code, signal int) {
+	ws, ok := state.Sys().(syscall.WaitStatus)
+	if ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), int(ws.Signal())
+	}
+	return state.ExitCode(), 0
+}
+
+func ignoreESRCH(err error) error {
+	if errors.Is(err, unix.ESRCH) {
+		return nil
+	}
+	return err
+}
+
+// instanceName names this agent process for its cgroups and scratch dirs:
+// pid and start time, which together never repeat on a host, so a
+// restarted agent can tell a crashed agent's leftovers from a live one's.
+func instanceName() (string, error) {
+	fs, err := procfs.NewFS("/proc")
+	if err != nil {
+		return "", fmt.Errorf("procfs: %w", err)
+	}
+	return instanceNameOf(fs, os.Getpid())
+}
+
+func instanceNameOf(fs procfs.FS, pid int) (string, error) {
+	p, err := fs.Proc(pid)
+	if err != nil {
+		return "", fmt.Errorf("process %d: %w", pid, err)
+	}
+	st, err := p.Stat()
+	if err != nil {
+		return "", fmt.Errorf("process %d: %w", pid, err)
+	}
+	return strconv.Itoa(pid) + "-" + strconv.FormatUint(st.Starttime, 10), nil
+}
+
+// instanceAlive says whether the agent that named itself instance still
+// runs. A name that is not an instance name counts as alive: it is not ours
+// to remove.
+func instanceAlive(instance string) bool {
+	pidText, _, ok := strings.Cut(instance, "-")
+	pid, err := strconv.Atoi(pidText)
+	if !ok || err != nil || pid <= 0 {
+		return true
+	}
+	fs, err := procfs.NewFS("/proc")
+	if err != nil {
+		return true
+	}
+	name, err := instanceNameOf(fs, pid)
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist)
+	}
+	return name == instance
+}

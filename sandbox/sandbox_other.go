@@ -1,0 +1,5 @@
+//go:build !linux && !windows
+
+package sandbox
+
+// This platform has no containment: the agent runs on Linux and Windows.

@@ -1,0 +1,402 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(testChildEnv); mode != "" {
+		os.Exit(runTestChild(mode, os.Args[1:]))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// outputBuffer is a Spec.Output that tests can wait on.
+type outputBuffer struct {
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	changed chan struct{}
+}
+
+func newOutputBuffer() *outputBuffer { return &outputBuffer{changed: make(chan struct{})} }
+
+func (b *outputBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	close(b.changed)
+	b.changed = make(chan struct{})
+	return b.buf.Write(p)
+}
+
+func (b *outputBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// waitFor waits until the output contains s.
+func (b *outputBuffer) waitFor(t *testing.T, s string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		b.mu.Lock()
+		has, changed := strings.Contains(b.buf.String(), s), b.changed
+		b.mu.Unlock()
+		if has {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			t.Fatalf("output %q never contained %q", b.String(), s)
+		}
+	}
+}
+
+func newSandbox(t *testing.T, cfg Config) *Sandbox {
+	t.Helper()
+	if cfg.ScratchDir == "" {
+		cfg.ScratchDir = t.TempDir()
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return s
+}
+
+// writeScript writes an executable shell script and returns its path.
+func writeScript(t *testing.T, dir, body string) string {
+	t.Helper()
+	path := filepath.Join(dir, "run.sh")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func start(t *testing.T, s *Sandbox, spec Spec) *Process {
+	t.Helper()
+	if spec.ID == "" {
+		spec.ID = t.Name()
+	}
+	if spec.Dir == "" {
+		spec.Dir = filepath.Dir(spec.Path)
+	}
+	p, err := s.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	return p
+}
+
+func waitDone(t *testing.T, p *Process, timeout time.Duration) Result {
+	t.Helper()
+	select {
+	case <-p.Done():
+		return p.Result()
+	case <-time.After(timeout):
+		p.Cancel()
+		<-p.Done()
+		t.Fatalf("execution not done within %v", timeout)
+		return Result{}
+	}
+}
+
+// run runs a script to completion and returns its output and result.
+func run(t *testing.T, s *Sandbox, body string, spec Spec) (string, Result) {
+	t.Helper()
+	spec.Path = writeScript(t, t.TempDir(), body)
+	out := newOutputBuffer()
+	spec.Output = out
+	res := waitDone(t, start(t, s, spec), 30*time.Second)
+	return out.String(), res
+}
+
+// processGone says whether pid is dead (gone, or a zombie nobody reaps).
+func processGone(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	return len(fields) > 0 && (fields[0] == "Z" || fields[0] == "X")
+}
+
+func TestOutputKeepsTheOrderWritten(t *testing.T) {
+	s := newSandbox(t, Config{})
+	out, res := run(t, s, `i=0
+while [ $i -lt 2000 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done`, Spec{})
+	if res.ExitCode != 0 {
+		t.Fatalf("exit code %d", res.ExitCode)
+	}
+	var want strings.Builder
+	for i := range 2000 {
+		fmt.Fprintf(&want, "out %d\nerr %d\n", i, i)
+	}
+	if diff := cmp.Diff(want.String(), out); diff != "" {
+		t.Errorf("output (-want +got):\n%s", diff)
+	}
+}
+
+func TestEnvironmentIsExactlyTheSpecs(t *testing.T) {
+	t.Setenv("FLUX_AGENT_SECRET", "agent-only")
+	s := newSandbox(t, Config{})
+	out, _ := run(t, s, `env | sort; [ -d "$TMPDIR" ] && [ -w "$TMPDIR" ] && echo scratch-ok`, Spec{Env: []string{"A=1", "PATH=/usr/bin:/bin", "TMPDIR=/overridden"}})
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	var tmpdir string
+	var got []string
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "TMPDIR="):
+			tmpdir = strings.TrimPrefix(l, "TMPDIR=")
+			got = append(got, "TMPDIR=<scratch>")
+		case strings.HasPrefix(l, "HOME="):
+			if l != "HOME="+tmpdir && tmpdir != "" {
+				t.Errorf("HOME %q is not the scratch dir %q", l, tmpdir)
+			}
+			got = append(got, "HOME=<scratch>")
+		case strings.HasPrefix(l, "PWD="): // the shell sets it
+		default:
+			got = append(got, l)
+		}
+	}
+	want := []string{"A=1", "HOME=<scratch>", "PATH=/usr/bin:/bin", "TMPDIR=<scratch>", "scratch-ok"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("environment (-want +got):\n%s", diff)
+	}
+	if _, err := os.Stat(tmpdir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("scratch dir %q left behind: %v", tmpdir, err)
+	}
+}
+
+func TestStdinIsEmpty(t *testing.T) {
+	s := newSandbox(t, Config{})
+	out, res := run(t, s, `cat; echo "read $?"`, Spec{})
+	if out != "read 0\n" || res.ExitCode != 0 {
+		t.Errorf("got %q, exit %d", out, res.ExitCode)
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	s := newSandbox(t, Config{})
+	for _, tc := range []struct {
+		script         string
+		code, signal   int
+		wantErrMessage string
+	}{
+		{"exit 0", 0, 0, ""},
+		{"exit 3", 3, 0, "exit code 3"},
+		{"kill -TERM $$", 143, 15, "killed by signal 15 (exit code 143)"},
+		{"kill -KILL $$", 137, 9, "killed by signal 9 (exit code 137)"},
+	} {
+		t.Run(tc.script, func(t *testing.T) {
+			_, res := run(t, s, tc.script, Spec{})
+			if res.ExitCode != tc.code || res.Signal != tc.signal {
+				t.Errorf("exit %d signal %d, want %d %d", res.ExitCode, res.Signal, tc.code, tc.signal)
+			}
+			var msg string
+			if err := res.Err(); err != nil {
+				msg = err.Error()
+			}
+			if msg != tc.wantErrMessage {
+				t.Errorf("Err() = %q, want %q", msg, tc.wantErrMessage)
+			}
+			if res.TimedOut || res.Cancelled || res.OOMKilled {
+				t.Errorf("flags set: %+v", res)
+			}
+		})
+	}
+}
+
+func TestBackgroundChildDoesNotDelayCompletion(t *testing.T) {
+	s := newSandbox(t, Config{})
+	out, res := run(t, s, `sleep 60 &
+echo "child $!"`, Spec{})
+	if res.ExitCode != 0 {
+		t.Fatalf("exit %d", res.ExitCode)
+	}
+	if res.WallTime > 5*time.Second {
+		t.Errorf("completion took %v: the background child held it", res.WallTime)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(out, "child ")))
+	if err != nil {
+		t.Fatalf("output %q: %v", out, err)
+	}
+	if !processGone(pid) {
+		t.Errorf("background child %d still alive after Done", pid)
+	}
+}
+
+func TestCancelKillsTheTreeWithinASecond(t *testing.T) {
+	s := newSandbox(t, Config{})
+	out := newOutputBuffer()
+	p := start(t, s, Spec{Path: writeScript(t, t.TempDir(), `sleep 60 &
+echo "child $!"
+sleep 60`), Output: out})
+	out.waitFor(t, "\n", 10*time.Second)
+	asked := time.Now()
+	p.Cancel()
+	res := waitDone(t, p, time.Second)
+	if took := time.Since(asked); took > time.Second {
+		t.Errorf("cancel took %v", took)
+	}
+	if !res.Cancelled || res.TimedOut || res.ExitCode != 137 {
+		t.Errorf("result %+v, want cancelled with exit 137", res)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(out.String(), "child ")))
+	if pid == 0 || !processGone(pid) {
+		t.Errorf("child %q alive after cancel", out.String())
+	}
+	p.Cancel() // idempotent and safe after Done
+	if got := p.Result(); got != res {
+		t.Errorf("result changed after a second Cancel: %+v", got)
+	}
+}
+
+func TestTimeoutTerminatesGracefully(t *testing.T) {
+	s := newSandbox(t, Config{})
+	out, res := run(t, s, `trap 'echo bye; exit 7' TERM
+echo ready
+sleep 60 &
+wait`, Spec{Timeout: 100 * time.Millisecond, KillGrace: 30 * time.Second})
+	if !res.TimedOut || res.Cancelled || res.ExitCode != 7 {
+		t.Errorf("result %+v, want timed out with exit 7", res)
+	}
+	if out != "ready\nbye\n" {
+		t.Errorf("output %q", out)
+	}
+	if res.WallTime > 10*time.Second {
+		t.Errorf("took %v: SIGTERM was not delivered", res.WallTime)
+	}
+}
+
+func TestTimeoutKillsAfterTheGrace(t *testing.T) {
+	s := newSandbox(t, Config{})
+	const timeout, grace = 100 * time.Millisecond, 300 * time.Millisecond
+	out, res := run(t, s, `trap '' TERM
+echo ready
+while :; do sleep 1; done`, Spec{Timeout: timeout, KillGrace: grace})
+	if !res.TimedOut || res.ExitCode != 137 || res.Signal != 9 {
+		t.Errorf("result %+v, want timed out and killed", res)
+	}
+	if res.WallTime < timeout+grace {
+		t.Errorf("killed after %v, before timeout+grace %v", res.WallTime, timeout+grace)
+	}
+	if out != "ready\n" {
+		t.Errorf("output %q", out)
+	}
+}
+
+func TestInvalidSpecIsRefused(t *testing.T) {
+	s := newSandbox(t, Config{})
+	neg, zero := int64(-1), int64(0)
+	five := int64(5)
+	for name, spec := range map[string]Spec{
+		"no id":         {Path: "/bin/true"},
+		"relative path": {ID: "x", Path: "bin/true"},
+		"empty path":    {ID: "x"},
+		"bad env":       {ID: "x", Path: "/bin/true", Env: []string{"NOEQUALS"}},
+		"empty env key": {ID: "x", Path: "/bin/true", Env: []string{"=v"}},
+		"nul in env":    {ID: "x", Path: "/bin/true", Env: []string{"A=b\x00c"}},
+		"negative mem":  {ID: "x", Path: "/bin/true", Limits: Limits{MemoryBytes: &neg}},
+		"zero pids":     {ID: "x", Path: "/bin/true", Limits: Limits{Pids: &zero}},
+		"tiny cpu":      {ID: "x", Path: "/bin/true", Limits: Limits{CPUMillicores: &five}},
+		"negative wait": {ID: "x", Path: "/bin/true", Timeout: -time.Second},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if _, err := s.Start(context.Background(), spec); !errors.Is(err, ErrInvalidSpec) {
+				t.Errorf("Start = %v, want ErrInvalidSpec", err)
+			}
+		})
+	}
+	entries, err := os.ReadDir(s.scratchDir)
+	if err != nil || len(entries) != 0 {
+		t.Errorf("refused specs left scratch dirs: %v %v", entries, err)
+	}
+}
+
+func TestMissingExecutableIsAnError(t *testing.T) {
+	s := newSandbox(t, Config{})
+	_, err := s.Start(context.Background(), Spec{ID: "x", Path: "/nonexistent/handler"})
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Start = %v, want ErrNotExist", err)
+	}
+}
+
+func TestCloseCancelsRunningExecutions(t *testing.T) {
+	s, err := New(Config{ScratchDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := start(t, s, Spec{Path: writeScript(t, t.TempDir(), "sleep 60")})
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	select {
+	case <-p.Done():
+	default:
+		t.Fatal("Close returned before the execution was done")
+	}
+	if !p.Result().Cancelled {
+		t.Errorf("result %+v, want cancelled", p.Result())
+	}
+	if _, err := s.Start(context.Background(), Spec{ID: "y", Path: "/bin/true"}); !errors.Is(err, ErrClosed) {
+		t.Errorf("Start after Close = %v, want ErrClosed", err)
+	}
+}
+
+func TestOutputWriterErrorDoesNotBlockTheFunction(t *testing.T) {
+	s := newSandbox(t, Config{})
+	failing := errors.New("sink broken")
+	p := start(t, s, Spec{
+		Path:   writeScript(t, t.TempDir(), `head -c 1000000 /dev/zero; echo done`),
+		Output: failingWriter{failing},
+	})
+	res := waitDone(t, p, 30*time.Second)
+	if !errors.Is(res.OutputErr, failing) || res.ExitCode != 0 {
+		t.Errorf("result %+v", res)
+	}
+}
+
+type failingWriter struct{ err error }
+
+func (w failingWriter) Write([]byte) (int, error) { return 0, w.err }
+
+func TestStaleScratchOfADeadAgentIsRemoved(t *testing.T) {
+	parent := t.TempDir()
+	stale := filepath.Join(parent, scratchPrefix+"999999999-1")
+	if err := os.MkdirAll(filepath.Join(stale, "x1-old"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	foreign := filepath.Join(parent, scratchPrefix+"not-ours")
+	if err := os.Mkdir(foreign, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	newSandbox(t, Config{ScratchDir: parent})
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale scratch dir kept: %v", err)
+	}
+	if _, err := os.Stat(foreign); err != nil {
+		t.Errorf("a dir that is not an instance's was removed: %v", err)
+	}
+}
