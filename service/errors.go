@@ -1,0 +1,40 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Domain errors. toStatus and the execution's error field are the only
+// places that turn them into what Flux sees.
+var (
+	ErrInvalidRequest     = errors.New("invalid request")
+	ErrNotRegistered      = errors.New("not registered")
+	ErrDuplicateExecution = errors.New("execution id already used")
+	ErrShuttingDown       = errors.New("the agent is shutting down")
+)
+
+// tracerName names the tracer of the service's own spans.
+const tracerName = "github.com/serverless-fabric/flux-agent/service"
+
+// Metrics receives what the service counts; telemetry.Metrics implements
+// it. Labels stay bounded: function names and statuses, never ids.
+type Metrics interface {
+	ExecutionStarted(ctx context.Context, function string, async bool)
+	ExecutionFinished(ctx context.Context, function, status string, d time.Duration, outputBytes int64, oom, timedOut, cancelled bool)
+	RunningAdd(ctx context.Context, function string, delta int64)
+	QueuedAdd(ctx context.Context, function string, delta int64)
+	Deployed(ctx context.Context, function string, bytes int64, err error)
+	RedisError(ctx context.Context, op string)
+}
+
+type noMetrics struct{}
+
+func (noMetrics) ExecutionStarted(context.Context, string, bool) {}
+func (noMetrics) ExecutionFinished(context.Context, string, string, time.Duration, int64, bool, bool, bool) {
+}
+func (noMetrics) RunningAdd(context.Context, string, int64)      {}
+func (noMetrics) QueuedAdd(context.Context, string, int64)       {}
+func (noMetrics) Deployed(context.Context, string, int64, error) {}
+func (noMetrics) RedisError(context.Context, string)             {}

@@ -1,0 +1,127 @@
+package service
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// ErrAtCapacity is a refusal because a function or the node runs as many
+// executions as it may. Its text contains "at capacity": Flux looks for
+// those words to answer 503 or retry.
+var ErrAtCapacity = errors.New("at capacity")
+
+// slots counts running executions per function and per node and hands
+// freed slots to queued executions in FIFO order.
+type slots struct {
+	maxTasks   int // 0 = unlimited
+	queueLimit int
+
+	mu          sync.Mutex
+	running     int
+	perFunction map[string]int
+	queue       list.List // of *waiter
+}
+
+// waiter is one execution queued for a slot. ready is closed once the slot
+// is its own.
+type waiter struct {
+	function string
+	limit    int
+	ready    chan struct{}
+	elem     *list.Element
+}
+
+func newSlots(maxTasks, queueLimit int) *slots {
+	return &slots{maxTasks: maxTasks, queueLimit: queueLimit, perFunction: map[string]int{}}
+}
+
+// fits reports whether one more execution of function may run; mu held.
+func (s *slots) fits(function string, limit int) error {
+	if limit > 0 && s.perFunction[function] >= limit {
+		return fmt.Errorf("function %s is %w (max_concurrency %d)", function, ErrAtCapacity, limit)
+	}
+	if s.maxTasks > 0 && s.running >= s.maxTasks {
+		return fmt.Errorf("agent is %w (max_tasks %d)", ErrAtCapacity, s.maxTasks)
+	}
+	return nil
+}
+
+// tryAcquire takes a slot for function, limited to limit concurrent
+// executions (0 = unlimited), or says why it cannot.
+func (s *slots) tryAcquire(function string, limit int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.fits(function, limit); err != nil {
+		return err
+	}
+	s.take(function)
+	return nil
+}
+
+func (s *slots) take(function string) {
+	s.running++
+	s.perFunction[function]++
+}
+
+// enqueue takes a slot at once if one is free (ready already closed), or
+// queues for one; it fails when the queue is full.
+func (s *slots) enqueue(function string, limit int) (*waiter, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := &waiter{function: function, limit: limit, ready: make(chan struct{})}
+	if s.fits(function, limit) == nil {
+		s.take(function)
+		close(w.ready)
+		return w, nil
+	}
+	if s.queue.Len() >= s.queueLimit {
+		return nil, fmt.Errorf("function %s is %w and the agent's queue is full (queue_limit %d)", function, ErrAtCapacity, s.queueLimit)
+	}
+	w.elem = s.queue.PushBack(w)
+	return w, nil
+}
+
+// leave takes a waiter out of the queue. It returns false when the waiter
+// already holds a slot, which the caller must then release.
+func (s *slots) leave(w *waiter) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if w.elem == nil {
+		return false
+	}
+	s.queue.Remove(w.elem)
+	w.elem = nil
+	return true
+}
+
+// release frees a slot of function and starts what waits for it.
+func (s *slots) release(function string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.running--
+	if s.perFunction[function]--; s.perFunction[function] <= 0 {
+		delete(s.perFunction, function)
+	}
+	for e := s.queue.Front(); e != nil; {
+		next := e.Next()
+		w := e.Value.(*waiter)
+		if s.fits(w.function, w.limit) == nil {
+			s.queue.Remove(e)
+			w.elem = nil
+			s.take(w.function)
+			close(w.ready)
+		} else if s.maxTasks > 0 && s.running >= s.maxTasks {
+			break
+		}
+		e = next
+	}
+}
+
+// counts reports running and queued executions.
+func (s *slots) counts() (running, queued int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.running, s.queue.Len()
+}
