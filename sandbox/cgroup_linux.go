@@ -1,11 +1,22 @@
 package sandbox
 
 import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/procfs"
+	"golang.org/x/sys/unix"
 )
 
 // resolvedLimits are an execution's limits with the config's defaults
@@ -14,6 +25,13 @@ type resolvedLimits struct {
 	memory        *int64
 	cpuMillicores *int64
 	pids          int64
+}
+
+// cpuPeriodMicros is the CFS period a CPU quota is expressed against.
+const cpuPeriodMicros = 100_000
+
+func (l resolvedLimits) cpuQuotaMicros() int64 {
+	return *l.cpuMillicores * cpuPeriodMicros / 1000
 }
 
 // cgroupDriver makes one cgroup per execution in one cgroup version's
@@ -33,15 +51,323 @@ type execCgroup interface {
 	// inside; leave undoes what enter did to the thread.
 	enter(attr *syscall.SysProcAttr) (leave func() error, err error)
 	signalAll(sig syscall.Signal) error
-	// kill kills every process in the cgroup, none can fork meanwhile.
+	// kill kills every process in the cgroup; none can fork meanwhile.
 	kill() error
 	waitEmpty(timeout time.Duration) error
 	measure(res *Result)
 	remove() error
 }
 
-// openCgroups finds a cgroup hierarchy this agent can write, or says why
-// there is none.
+// v1Controllers are the v1 hierarchies the sandbox needs; cpuacct is
+// optional (CPU time then comes from rusage).
+var v1Controllers = []string{"memory", "cpu", "pids", "freezer"}
+
+// cgroupLayout is where the cgroup hierarchies are mounted and where this
+// agent sits in them, as read from mountinfo and /proc/self/cgroup.
+type cgroupLayout struct {
+	// v1 maps a controller to its hierarchy's mount point; v1Own to the
+	// agent's own cgroup dir in that hierarchy.
+	v1, v1Own map[string]string
+	// v2Mount is the cgroup2 mount point; v2Own is the agent's cgroup
+	// relative to it ("" when the agent's cgroup is outside the mount).
+	v2Mount, v2Own string
+}
+
+// mode is the version the sandbox uses: v1 as soon as the memory controller
+// is on a v1 hierarchy (hybrid hosts), else v2 when mounted, else none.
+func (l cgroupLayout) mode() string {
+	switch {
+	case l.v1["memory"] != "":
+		return "v1"
+	case l.v2Mount != "":
+		return "v2"
+	}
+	return "none"
+}
+
+// detectLayout reads the layout from a process's mountinfo and cgroup
+// membership.
+func detectLayout(mounts []*procfs.MountInfo, own []procfs.Cgroup) cgroupLayout {
+	l := cgroupLayout{v1: map[string]string{}, v1Own: map[string]string{}}
+	for _, m := range mounts {
+		switch m.FSType {
+		case "cgroup":
+			for opt := range m.SuperOptions {
+				if slices.Contains(v1Controllers, opt) || opt == "cpuacct" {
+					if _, seen := l.v1[opt]; seen {
+						continue
+					}
+					l.v1[opt] = m.MountPoint
+					for _, c := range own {
+						if p := pathInMount(c.Path, m.Root); slices.Contains(c.Controllers, opt) && p != "" {
+							l.v1Own[opt] = filepath.Join(m.MountPoint, p)
+						}
+					}
+				}
+			}
+		case "cgroup2":
+			if l.v2Mount != "" {
+				continue
+			}
+			l.v2Mount = m.MountPoint
+			for _, c := range own {
+				if c.HierarchyID == 0 && len(c.Controllers) == 0 {
+					l.v2Own = pathInMount(c.Path, m.Root)
+				}
+			}
+		}
+	}
+	return l
+}
+
+// pathInMount turns a cgroup path into one relative to a mount whose root
+// is root; "" when the path is not visible through that mount.
+func pathInMount(p, root string) string {
+	if root == "/" {
+		return p
+	}
+	if p == root {
+		return "/"
+	}
+	if rest, ok := strings.CutPrefix(p, root+"/"); ok {
+		return "/" + rest
+	}
+	return ""
+}
+
+// openCgroups finds a cgroup hierarchy this agent can write and removes
+// what crashed agents left in it, or says why there is none.
 func openCgroups(cfg Config, instance string, proc procfs.FS, log *slog.Logger) (cgroupDriver, string) {
-	return nil, "cgroups are not implemented yet"
+	if cfg.noCgroups {
+		return nil, "cgroups disabled"
+	}
+	if os.Geteuid() != 0 {
+		return nil, "agent is not root"
+	}
+	mounts, err := proc.GetProcMounts(os.Getpid())
+	if err != nil {
+		return nil, fmt.Sprintf("reading mounts: %v", err)
+	}
+	self, err := proc.Proc(os.Getpid())
+	if err != nil {
+		return nil, fmt.Sprintf("reading own cgroup: %v", err)
+	}
+	own, err := self.Cgroups()
+	if err != nil {
+		return nil, fmt.Sprintf("reading own cgroup: %v", err)
+	}
+	layout := detectLayout(mounts, own)
+	var drv cgroupDriver
+	switch layout.mode() {
+	case "v1":
+		drv, err = openCgroupV1(layout, cfg.CgroupRoot, instance, log)
+	case "v2":
+		drv, err = openCgroupV2(layout, cfg.CgroupRoot, instance, log)
+	default:
+		return nil, "no cgroup hierarchy is mounted"
+	}
+	if err != nil {
+		return nil, fmt.Sprintf("cgroup %s: %v", layout.mode(), err)
+	}
+	return drv, ""
+}
+
+// removeStaleInstances removes the instance cgroups under parent whose
+// agents are gone, killing what still runs in them with killTree.
+func removeStaleInstances(parent string, killTree func(dir string) error, log *slog.Logger) {
+	entries, err := os.ReadDir(parent)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if !e.IsDir() || instanceAlive(e.Name()) {
+			continue
+		}
+		dir := filepath.Join(parent, e.Name())
+		err := errors.Join(killTree(dir), removeTree(dir))
+		if err != nil {
+			log.Warn("removing a crashed agent's cgroup", "cgroup", dir, "err", err)
+		} else {
+			log.Info("removed a crashed agent's cgroup", "cgroup", dir)
+		}
+	}
+}
+
+// removeTree removes a cgroup and its descendants, deepest first.
+func removeTree(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		if e.IsDir() {
+			errs = append(errs, removeTree(filepath.Join(dir, e.Name())))
+		}
+	}
+	return errors.Join(append(errs, rmdirCgroup(dir, emptyTimeout))...)
+}
+
+// rmdirCgroup removes an empty cgroup; it retries while the kernel still
+// counts exiting tasks (EBUSY).
+func rmdirCgroup(dir string, timeout time.Duration) error {
+	return poll(timeout, func() (bool, error) {
+		err := unix.Rmdir(dir)
+		switch {
+		case err == nil, errors.Is(err, unix.ENOENT):
+			return true, nil
+		case errors.Is(err, unix.EBUSY):
+			return false, nil
+		}
+		return false, &os.PathError{Op: "rmdir", Path: dir, Err: err}
+	})
+}
+
+// poll calls done until it reports true or fails, backing off from 1 ms to
+// 20 ms, and fails after timeout.
+func poll(timeout time.Duration, done func() (bool, error)) error {
+	deadline := time.Now().Add(timeout)
+	for pause := time.Millisecond; ; pause = min(2*pause, 20*time.Millisecond) {
+		ok, err := done()
+		if ok || err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not done after %v: %w", timeout, os.ErrDeadlineExceeded)
+		}
+		time.Sleep(pause)
+	}
+}
+
+// writeCgroupFile writes one value to an existing cgroup file.
+func writeCgroupFile(dir, name, value string) error {
+	p := filepath.Join(dir, name)
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(value)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %q to %s: %w", value, p, err)
+	}
+	return nil
+}
+
+func readCgroupFile(dir, name string) ([]byte, error) {
+	return os.ReadFile(filepath.Join(dir, name))
+}
+
+// readProcs lists the processes in a cgroup.
+func readProcs(dir string) ([]int, error) {
+	b, err := readCgroupFile(dir, "cgroup.procs")
+	if err != nil {
+		return nil, err
+	}
+	return parseProcs(bytes.NewReader(b))
+}
+
+// parseProcs parses cgroup.procs or tasks: one id a line.
+func parseProcs(r io.Reader) ([]int, error) {
+	var pids []int
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" {
+			continue
+		}
+		pid, err := strconv.Atoi(line)
+		if err != nil {
+			return nil, fmt.Errorf("pid %q: %w", line, err)
+		}
+		pids = append(pids, pid)
+	}
+	return pids, sc.Err()
+}
+
+// parseFlatKeyed parses the "key value" lines of memory.events, cpu.stat,
+// cgroup.events, memory.oom_control and the like.
+func parseFlatKeyed(r io.Reader) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) == 0 {
+			continue
+		}
+		if len(fields) != 2 {
+			return nil, fmt.Errorf("line %q: want \"key value\"", sc.Text())
+		}
+		v, err := strconv.ParseUint(fields[1], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("line %q: %w", sc.Text(), err)
+		}
+		out[fields[0]] = v
+	}
+	return out, sc.Err()
+}
+
+// parseUint parses a file holding one number, such as memory.peak.
+func parseUint(r io.Reader) (uint64, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return 0, err
+	}
+	s := strings.TrimSpace(string(b))
+	v, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("value %q: %w", s, err)
+	}
+	return v, nil
+}
+
+func readFlatKeyed(dir, name string) (map[string]uint64, error) {
+	b, err := readCgroupFile(dir, name)
+	if err != nil {
+		return nil, err
+	}
+	m, err := parseFlatKeyed(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+	}
+	return m, nil
+}
+
+func readUint(dir, name string) (uint64, error) {
+	b, err := readCgroupFile(dir, name)
+	if err != nil {
+		return 0, err
+	}
+	v, err := parseUint(bytes.NewReader(b))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+	}
+	return v, nil
+}
+
+// signalProcs sends sig to every process listed in dir's cgroup.procs.
+func signalProcs(dir string, sig syscall.Signal) error {
+	pids, err := readProcs(dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pid := range pids {
+		errs = append(errs, ignoreESRCH(unix.Kill(pid, sig)))
+	}
+	return errors.Join(errs...)
+}
+
+// joinCgroupPath joins a mount point and a cgroup path, refusing a path
+// that climbs out of the mount.
+func joinCgroupPath(mount, cgroupPath string) (string, error) {
+	if slices.Contains(strings.Split(cgroupPath, "/"), "..") {
+		return "", fmt.Errorf("cgroup path %q climbs out of %s", cgroupPath, mount)
+	}
+	return filepath.Join(mount, cgroupPath), nil
 }

@@ -152,6 +152,10 @@ type Config struct {
 	// Logger receives the one start-up line about missing isolation and
 	// errors of cleanups nobody waits for. Nil discards.
 	Logger *slog.Logger
+
+	// noCgroups makes tests exercise the containment a host without
+	// writable cgroups gets.
+	noCgroups bool
 }
 
 // Isolation is what containment is in force, so the agent can show it in

@@ -187,12 +187,13 @@ func startOnDedicatedThread(cmd *exec.Cmd, cg execCgroup) error {
 }
 
 // terminate asks the whole tree to stop (the timeout's first step).
+// With a cgroup that is every process in it (the group is among them; a
+// process signalled twice could run its handler twice).
 func (b *box) terminate() error {
-	err := ignoreESRCH(unix.Kill(-b.pid, unix.SIGTERM))
 	if b.cgroup != nil {
-		err = errors.Join(err, b.cgroup.signalAll(unix.SIGTERM))
+		return b.cgroup.signalAll(unix.SIGTERM)
 	}
-	return err
+	return ignoreESRCH(unix.Kill(-b.pid, unix.SIGTERM))
 }
 
 // kill kills the whole tree at once: with a cgroup every process in it,

@@ -143,7 +143,11 @@ func processGone(pid int) bool {
 }
 
 func TestOutputKeepsTheOrderWritten(t *testing.T) {
-	s := newSandbox(t, Config{})
+	forEachContainment(t, testOutputKeepsTheOrderWritten)
+}
+
+func testOutputKeepsTheOrderWritten(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	out, res := run(t, s, `i=0
 while [ $i -lt 2000 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done`, Spec{})
 	if res.ExitCode != 0 {
@@ -159,8 +163,12 @@ while [ $i -lt 2000 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done`, S
 }
 
 func TestEnvironmentIsExactlyTheSpecs(t *testing.T) {
+	forEachContainment(t, testEnvironmentIsExactlyTheSpecs)
+}
+
+func testEnvironmentIsExactlyTheSpecs(t *testing.T, cfg Config) {
 	t.Setenv("FLUX_AGENT_SECRET", "agent-only")
-	s := newSandbox(t, Config{})
+	s := newSandbox(t, cfg)
 	out, _ := run(t, s, `env | sort; [ -d "$TMPDIR" ] && [ -w "$TMPDIR" ] && echo scratch-ok`, Spec{Env: []string{"A=1", "PATH=/usr/bin:/bin", "TMPDIR=/overridden"}})
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	var tmpdir string
@@ -189,16 +197,20 @@ func TestEnvironmentIsExactlyTheSpecs(t *testing.T) {
 	}
 }
 
-func TestStdinIsEmpty(t *testing.T) {
-	s := newSandbox(t, Config{})
+func TestStdinIsEmpty(t *testing.T) { forEachContainment(t, testStdinIsEmpty) }
+
+func testStdinIsEmpty(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	out, res := run(t, s, `cat; echo "read $?"`, Spec{})
 	if out != "read 0\n" || res.ExitCode != 0 {
 		t.Errorf("got %q, exit %d", out, res.ExitCode)
 	}
 }
 
-func TestExitCodes(t *testing.T) {
-	s := newSandbox(t, Config{})
+func TestExitCodes(t *testing.T) { forEachContainment(t, testExitCodes) }
+
+func testExitCodes(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	for _, tc := range []struct {
 		script         string
 		code, signal   int
@@ -229,7 +241,11 @@ func TestExitCodes(t *testing.T) {
 }
 
 func TestBackgroundChildDoesNotDelayCompletion(t *testing.T) {
-	s := newSandbox(t, Config{})
+	forEachContainment(t, testBackgroundChildDoesNotDelayCompletion)
+}
+
+func testBackgroundChildDoesNotDelayCompletion(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	out, res := run(t, s, `sleep 60 &
 echo "child $!"`, Spec{})
 	if res.ExitCode != 0 {
@@ -248,7 +264,11 @@ echo "child $!"`, Spec{})
 }
 
 func TestCancelKillsTheTreeWithinASecond(t *testing.T) {
-	s := newSandbox(t, Config{})
+	forEachContainment(t, testCancelKillsTheTreeWithinASecond)
+}
+
+func testCancelKillsTheTreeWithinASecond(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	out := newOutputBuffer()
 	p := start(t, s, Spec{Path: writeScript(t, t.TempDir(), `sleep 60 &
 echo "child $!"
@@ -274,7 +294,11 @@ sleep 60`), Output: out})
 }
 
 func TestTimeoutTerminatesGracefully(t *testing.T) {
-	s := newSandbox(t, Config{})
+	forEachContainment(t, testTimeoutTerminatesGracefully)
+}
+
+func testTimeoutTerminatesGracefully(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	out, res := run(t, s, `trap 'echo bye; exit 7' TERM
 echo ready
 sleep 60 &
@@ -291,7 +315,11 @@ wait`, Spec{Timeout: 100 * time.Millisecond, KillGrace: 30 * time.Second})
 }
 
 func TestTimeoutKillsAfterTheGrace(t *testing.T) {
-	s := newSandbox(t, Config{})
+	forEachContainment(t, testTimeoutKillsAfterTheGrace)
+}
+
+func testTimeoutKillsAfterTheGrace(t *testing.T, cfg Config) {
+	s := newSandbox(t, cfg)
 	const timeout, grace = 100 * time.Millisecond, 300 * time.Millisecond
 	out, res := run(t, s, `trap '' TERM
 echo ready

@@ -1,0 +1,262 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// defaultCgroupV1Root is the parent of the agents' cgroups in each v1
+// hierarchy.
+const defaultCgroupV1Root = "/flux-agent"
+
+// cgroupV1 keeps one cgroup per execution in each of the memory, cpu,
+// (cpuacct,) pids and freezer hierarchies.
+type cgroupV1 struct {
+	log *slog.Logger
+	// instance maps a controller to this agent's dir in its hierarchy;
+	// own to the agent's own cgroup there (where a forking thread returns).
+	instance, own map[string]string
+}
+
+func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV1, error) {
+	if root == "" {
+		root = defaultCgroupV1Root
+	}
+	c := &cgroupV1{log: log, instance: map[string]string{}, own: map[string]string{}}
+	controllers := append([]string{"cpuacct"}, v1Controllers...)
+	for _, ctrl := range controllers {
+		mount, ok := layout.v1[ctrl]
+		if !ok {
+			if ctrl == "cpuacct" {
+				continue
+			}
+			return nil, fmt.Errorf("no v1 hierarchy has the %s controller", ctrl)
+		}
+		parent, err := joinCgroupPath(mount, root)
+		if err != nil {
+			return nil, err
+		}
+		c.instance[ctrl] = filepath.Join(parent, instance)
+		c.own[ctrl] = layout.v1Own[ctrl]
+		if c.own[ctrl] == "" {
+			c.own[ctrl] = mount
+		}
+	}
+	for _, parent := range c.parents() {
+		removeStaleInstances(parent, c.killTree, log)
+	}
+	var made []string
+	for _, dir := range c.hierarchyDirs(c.instance) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, errors.Join(err, c.removeDirs(made))
+		}
+		made = append(made, dir)
+	}
+	return c, nil
+}
+
+func (c *cgroupV1) version() string { return "v1" }
+
+// parents are the dirs holding the instances of all agents.
+func (c *cgroupV1) parents() []string {
+	var out []string
+	for _, dir := range c.hierarchyDirs(c.instance) {
+		out = append(out, filepath.Dir(dir))
+	}
+	return out
+}
+
+// hierarchyDirs lists the distinct dirs of a controller map: co-mounted
+// controllers (cpu,cpuacct) share one.
+func (c *cgroupV1) hierarchyDirs(dirs map[string]string) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
+		if d, ok := dirs[ctrl]; ok && !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func (c *cgroupV1) removeDirs(dirs []string) error {
+	var errs []error
+	for _, d := range dirs {
+		errs = append(errs, rmdirCgroup(d, emptyTimeout))
+	}
+	return errors.Join(errs...)
+}
+
+// killTree kills everything in a stale instance: frozen first, so a fork
+// bomb cannot outrun it.
+func (c *cgroupV1) killTree(freezerInstanceDir string) error {
+	name := filepath.Base(freezerInstanceDir)
+	dirs := map[string]string{}
+	for ctrl, d := range c.instance {
+		dirs[ctrl] = filepath.Join(filepath.Dir(d), name)
+	}
+	return killFrozenV1(dirs["freezer"], true)
+}
+
+func (c *cgroupV1) close() error {
+	return c.removeDirs(c.hierarchyDirs(c.instance))
+}
+
+func (c *cgroupV1) create(name string, limits resolvedLimits) (execCgroup, error) {
+	e := &execCgroupV1{dirs: map[string]string{}, own: c.own, limits: limits}
+	for ctrl, d := range c.instance {
+		e.dirs[ctrl] = filepath.Join(d, name)
+	}
+	var made []string
+	for _, dir := range c.hierarchyDirs(e.dirs) {
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			return nil, errors.Join(fmt.Errorf("cgroup: %w", err), c.removeDirs(made))
+		}
+		made = append(made, dir)
+	}
+	if err := e.writeLimits(); err != nil {
+		return nil, errors.Join(fmt.Errorf("cgroup limits: %w", err), c.removeDirs(made))
+	}
+	e.distinct = made
+	return e, nil
+}
+
+type execCgroupV1 struct {
+	dirs     map[string]string // controller → this execution's dir
+	distinct []string
+	own      map[string]string
+	limits   resolvedLimits
+}
+
+func (e *execCgroupV1) writeLimits() error {
+	if m := e.limits.memory; m != nil {
+		v := strconv.FormatInt(*m, 10)
+		if err := writeCgroupFile(e.dirs["memory"], "memory.limit_in_bytes", v); err != nil {
+			return err
+		}
+		// memory+swap at the same value: no swapping past the limit. The
+		// file is missing when the kernel does not account swap.
+		if _, err := os.Stat(filepath.Join(e.dirs["memory"], "memory.memsw.limit_in_bytes")); err == nil {
+			if err := writeCgroupFile(e.dirs["memory"], "memory.memsw.limit_in_bytes", v); err != nil {
+				return err
+			}
+		}
+	}
+	if e.limits.cpuMillicores != nil {
+		if err := writeCgroupFile(e.dirs["cpu"], "cpu.cfs_period_us", strconv.Itoa(cpuPeriodMicros)); err != nil {
+			return err
+		}
+		if err := writeCgroupFile(e.dirs["cpu"], "cpu.cfs_quota_us", strconv.FormatInt(e.limits.cpuQuotaMicros(), 10)); err != nil {
+			return err
+		}
+	}
+	return writeCgroupFile(e.dirs["pids"], "pids.max", strconv.FormatInt(e.limits.pids, 10))
+}
+
+// enter moves the calling thread (not its process: v1 places threads) into
+// the execution's cgroups, so the process it forks is born there.
+func (e *execCgroupV1) enter(*syscall.SysProcAttr) (func() error, error) {
+	tid := strconv.Itoa(unix.Gettid())
+	var entered []string
+	leave := func() error {
+		var errs []error
+		for _, ctrl := range entered {
+			errs = append(errs, writeCgroupFile(e.own[ctrl], "tasks", tid))
+		}
+		return errors.Join(errs...)
+	}
+	seen := map[string]bool{}
+	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
+		d, ok := e.dirs[ctrl]
+		if !ok || seen[d] {
+			continue
+		}
+		seen[d] = true
+		if err := writeCgroupFile(d, "tasks", tid); err != nil {
+			return nil, errors.Join(fmt.Errorf("joining the execution's cgroup: %w", err), leave())
+		}
+		entered = append(entered, ctrl)
+	}
+	return leave, nil
+}
+
+func (e *execCgroupV1) signalAll(sig syscall.Signal) error {
+	return signalProcs(e.dirs["freezer"], sig)
+}
+
+func (e *execCgroupV1) kill() error {
+	return killFrozenV1(e.dirs["freezer"], false)
+}
+
+// killFrozenV1 freezes a v1 freezer cgroup (with its descendants), kills
+// every process in it, and thaws it so the kills take effect.
+func killFrozenV1(dir string, descendants bool) error {
+	if err := writeCgroupFile(dir, "freezer.state", "FROZEN"); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	// A task in uninterruptible sleep can hold FREEZING; kill anyway then.
+	frozenErr := poll(time.Second, func() (bool, error) {
+		b, err := readCgroupFile(dir, "freezer.state")
+		return strings.TrimSpace(string(b)) == "FROZEN", err
+	})
+	dirs := []string{dir}
+	if descendants {
+		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() && p != dir {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+	}
+	var errs []error
+	for _, d := range dirs {
+		errs = append(errs, signalProcs(d, unix.SIGKILL))
+	}
+	errs = append(errs, writeCgroupFile(dir, "freezer.state", "THAWED"))
+	if frozenErr != nil && errors.Join(errs...) == nil {
+		return nil // killed all the same
+	}
+	return errors.Join(errs...)
+}
+
+func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
+	return poll(timeout, func() (bool, error) {
+		pids, err := readProcs(e.dirs["freezer"])
+		return len(pids) == 0, err
+	})
+}
+
+func (e *execCgroupV1) measure(res *Result) {
+	if v, err := readUint(e.dirs["memory"], "memory.max_usage_in_bytes"); err == nil {
+		res.PeakMemoryBytes = v
+	}
+	if m, err := readFlatKeyed(e.dirs["memory"], "memory.oom_control"); err == nil {
+		res.OOMKilled = m["oom_kill"] > 0
+	}
+	if d, ok := e.dirs["cpuacct"]; ok {
+		if v, err := readUint(d, "cpuacct.usage"); err == nil {
+			res.CPUTime = time.Duration(v)
+		}
+	}
+}
+
+func (e *execCgroupV1) remove() error {
+	var errs []error
+	for _, d := range e.distinct {
+		errs = append(errs, rmdirCgroup(d, emptyTimeout))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,222 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// v2Controllers must be enabled for each execution's cgroup.
+var v2Controllers = []string{"memory", "cpu", "pids"}
+
+// agentLeaf is where the agent moves itself inside its own delegated
+// cgroup: v2 lets a cgroup have processes or controlled children, not both.
+const agentLeaf = "agent"
+
+// cgroupV2 keeps one cgroup per execution under this agent instance's
+// cgroup, in the unified hierarchy.
+type cgroupV2 struct {
+	log      *slog.Logger
+	instance string
+}
+
+func openCgroupV2(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV2, error) {
+	base, err := v2Base(layout, root)
+	if err != nil {
+		return nil, err
+	}
+	if err := enableControllers(base); err != nil {
+		return nil, err
+	}
+	c := &cgroupV2{log: log, instance: filepath.Join(base, instance)}
+	removeStaleInstances(base, killTreeV2, log)
+	if err := os.Mkdir(c.instance, 0o755); err != nil {
+		return nil, err
+	}
+	if err := enableControllers(c.instance); err != nil {
+		return nil, errors.Join(err, rmdirCgroup(c.instance, emptyTimeout))
+	}
+	return c, nil
+}
+
+// v2Base is the cgroup the instances go under: the configured root, or the
+// agent's own cgroup after the agent moved itself into a leaf of it.
+func v2Base(layout cgroupLayout, root string) (string, error) {
+	if root != "" {
+		base, err := joinCgroupPath(layout.v2Mount, root)
+		if err != nil {
+			return "", err
+		}
+		return base, os.MkdirAll(base, 0o755)
+	}
+	if layout.v2Own == "" {
+		return "", errors.New("the agent's own cgroup is not visible under the cgroup2 mount; set cgroup_root")
+	}
+	base, err := joinCgroupPath(layout.v2Mount, layout.v2Own)
+	if err != nil {
+		return "", err
+	}
+	if layout.v2Own == "/" {
+		return base, nil // the root cgroup may have processes and children
+	}
+	if err := os.Mkdir(filepath.Join(base, agentLeaf), 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", err
+	}
+	if err := writeCgroupFile(filepath.Join(base, agentLeaf), "cgroup.procs", strconv.Itoa(os.Getpid())); err != nil {
+		return "", fmt.Errorf("moving the agent into a leaf: %w", err)
+	}
+	if procs, err := readProcs(base); err != nil || len(procs) > 0 {
+		return "", errors.Join(err, fmt.Errorf("%s still holds processes %v besides the agent", base, procs))
+	}
+	return base, nil
+}
+
+// enableControllers turns on the memory, cpu and pids controllers for the
+// children of dir; a controller dir's parent does not delegate is an error.
+func enableControllers(dir string) error {
+	avail, err := readCgroupFile(dir, "cgroup.controllers")
+	if err != nil {
+		return err
+	}
+	enabled, err := readCgroupFile(dir, "cgroup.subtree_control")
+	if err != nil {
+		return err
+	}
+	var missing, enable []string
+	for _, c := range v2Controllers {
+		switch {
+		case !slices.Contains(strings.Fields(string(avail)), c):
+			missing = append(missing, c)
+		case !slices.Contains(strings.Fields(string(enabled)), c):
+			enable = append(enable, "+"+c)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("controllers %v are not delegated to %s", missing, dir)
+	}
+	if len(enable) == 0 {
+		return nil
+	}
+	return writeCgroupFile(dir, "cgroup.subtree_control", strings.Join(enable, " "))
+}
+
+func (c *cgroupV2) version() string { return "v2" }
+
+func (c *cgroupV2) close() error { return rmdirCgroup(c.instance, emptyTimeout) }
+
+func (c *cgroupV2) create(name string, limits resolvedLimits) (execCgroup, error) {
+	e := &execCgroupV2{dir: filepath.Join(c.instance, name), limits: limits}
+	if err := os.Mkdir(e.dir, 0o755); err != nil {
+		return nil, fmt.Errorf("cgroup: %w", err)
+	}
+	if err := e.writeLimits(); err != nil {
+		return nil, errors.Join(fmt.Errorf("cgroup limits: %w", err), rmdirCgroup(e.dir, emptyTimeout))
+	}
+	return e, nil
+}
+
+type execCgroupV2 struct {
+	dir    string
+	limits resolvedLimits
+}
+
+func (e *execCgroupV2) writeLimits() error {
+	if m := e.limits.memory; m != nil {
+		if err := writeCgroupFile(e.dir, "memory.max", strconv.FormatInt(*m, 10)); err != nil {
+			return err
+		}
+		// The file is missing when the kernel does not account swap.
+		if _, err := os.Stat(filepath.Join(e.dir, "memory.swap.max")); err == nil {
+			if err := writeCgroupFile(e.dir, "memory.swap.max", "0"); err != nil {
+				return err
+			}
+		}
+	}
+	// An OOM kill takes the whole execution, not one process of it.
+	if err := writeCgroupFile(e.dir, "memory.oom.group", "1"); err != nil {
+		return err
+	}
+	if e.limits.cpuMillicores != nil {
+		v := strconv.FormatInt(e.limits.cpuQuotaMicros(), 10) + " " + strconv.Itoa(cpuPeriodMicros)
+		if err := writeCgroupFile(e.dir, "cpu.max", v); err != nil {
+			return err
+		}
+	}
+	return writeCgroupFile(e.dir, "pids.max", strconv.FormatInt(e.limits.pids, 10))
+}
+
+// enter makes the fork clone3 straight into the cgroup (CLONE_INTO_CGROUP).
+func (e *execCgroupV2) enter(attr *syscall.SysProcAttr) (func() error, error) {
+	fd, err := unix.Open(e.dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: e.dir, Err: err}
+	}
+	attr.UseCgroupFD = true
+	attr.CgroupFD = fd
+	return func() error { return unix.Close(fd) }, nil
+}
+
+func (e *execCgroupV2) signalAll(sig syscall.Signal) error { return signalProcs(e.dir, sig) }
+
+func (e *execCgroupV2) kill() error { return killTreeV2(e.dir) }
+
+// killTreeV2 kills every process in dir and its descendants: cgroup.kill
+// (5.14+), else freeze, kill each, thaw.
+func killTreeV2(dir string) error {
+	err := writeCgroupFile(dir, "cgroup.kill", "1")
+	if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if _, serr := os.Stat(dir); serr != nil {
+		return nil // the cgroup itself is gone
+	}
+	if err := writeCgroupFile(dir, "cgroup.freeze", "1"); err != nil {
+		return err
+	}
+	frozenErr := poll(time.Second, func() (bool, error) {
+		ev, err := readFlatKeyed(dir, "cgroup.events")
+		return ev["frozen"] == 1, err
+	})
+	var errs []error
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			errs = append(errs, signalProcs(p, unix.SIGKILL))
+		}
+		return nil
+	})
+	errs = append(errs, writeCgroupFile(dir, "cgroup.freeze", "0"))
+	if err := errors.Join(errs...); err != nil {
+		return errors.Join(err, frozenErr)
+	}
+	return nil
+}
+
+func (e *execCgroupV2) waitEmpty(timeout time.Duration) error {
+	return poll(timeout, func() (bool, error) {
+		ev, err := readFlatKeyed(e.dir, "cgroup.events")
+		return err == nil && ev["populated"] == 0, err
+	})
+}
+
+func (e *execCgroupV2) measure(res *Result) {
+	if v, err := readUint(e.dir, "memory.peak"); err == nil {
+		res.PeakMemoryBytes = v
+	}
+	if ev, err := readFlatKeyed(e.dir, "memory.events"); err == nil {
+		res.OOMKilled = ev["oom_kill"] > 0 || ev["oom_group_kill"] > 0
+	}
+	if st, err := readFlatKeyed(e.dir, "cpu.stat"); err == nil {
+		res.CPUTime = time.Duration(st["usage_usec"]) * time.Microsecond
+	}
+}
+
+func (e *execCgroupV2) remove() error { return rmdirCgroup(e.dir, emptyTimeout) }
