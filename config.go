@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -180,6 +181,7 @@ func LoadConfig(ctx context.Context, lookup envconfig.Lookuper) (Config, error) 
 	}); err != nil {
 		return Config{}, fmt.Errorf("environment (%s*): %w", envPrefix, err)
 	}
+	applyEmptyEnv(reflect.ValueOf(&cfg).Elem(), envconfig.PrefixLookuper(envPrefix, lookup), "")
 	cfg.resolvePaths()
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
@@ -246,6 +248,25 @@ func decodeStrict(node *yaml.Node, target reflect.Value, path string) error {
 		}
 	}
 	return nil
+}
+
+// applyEmptyEnv sets string fields whose variable is set but empty to "":
+// envconfig skips empty values, yet FLUX_AGENT_NETWORK_PUBLIC_IP_URL= must
+// be able to turn the lookup off.
+func applyEmptyEnv(v reflect.Value, lookup envconfig.Lookuper, prefix string) {
+	for i := 0; i < v.NumField(); i++ {
+		name, opts, _ := strings.Cut(v.Type().Field(i).Tag.Get("env"), ",")
+		field := v.Field(i)
+		switch {
+		case field.Kind() == reflect.Struct && name == "":
+			_, nested, _ := strings.Cut(opts, "prefix=")
+			applyEmptyEnv(field, lookup, prefix+strings.TrimSpace(nested))
+		case field.Kind() == reflect.String && name != "":
+			if val, ok := lookup.Lookup(prefix + name); ok && val == "" {
+				field.SetString("")
+			}
+		}
+	}
 }
 
 func nodeKind(n *yaml.Node) string {
@@ -502,4 +523,45 @@ func (b ByteSize) String() string {
 		}
 	}
 	return strconv.FormatInt(int64(b), 10)
+}
+
+// redactedRedisAddr hides a password in a redis:// URL.
+func redactedRedisAddr(addr string) string {
+	if u, err := url.Parse(addr); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	return addr
+}
+
+// printConfig shows the effective configuration, secrets hidden, for
+// check-config.
+func printConfig(w io.Writer, cfg Config) {
+	rows := map[string]any{
+		"agent_id": cfg.AgentID, "port": cfg.Port, "listen_address": cfg.ListenAddress,
+		"redis_addr": redactedRedisAddr(cfg.RedisAddr), "redis_master_name": cfg.RedisMasterName,
+		"apps_dir": cfg.AppsDir, "max_tasks": cfg.MaxTasks, "queue_limit": cfg.QueueLimit,
+		"execution_ttl": cfg.ExecutionTTL, "output_limit": cfg.OutputLimit, "shutdown_grace": cfg.ShutdownGrace,
+		"tls.enabled": cfg.TLS.Enabled, "tls.ca_cert": cfg.TLS.CACert, "tls.cert_file": cfg.TLS.CertFile,
+		"tls.key_file":            cfg.TLS.KeyFile,
+		"network.node_private_ip": cfg.Network.NodePrivateIP, "network.node_public_ip": cfg.Network.NodePublicIP,
+		"network.public_ip_url": cfg.Network.PublicIPURL,
+		"sandbox.run_as_user":   cfg.Sandbox.RunAsUser, "sandbox.cgroup_root": cfg.Sandbox.CgroupRoot,
+		"sandbox.pids_limit": cfg.Sandbox.PidsLimit, "sandbox.kill_grace": cfg.Sandbox.KillGrace,
+		"sandbox.scratch_dir": cfg.Sandbox.ScratchDir,
+		"deploy.max_bytes":    cfg.Deploy.MaxBytes, "deploy.max_files": cfg.Deploy.MaxFiles,
+		"deploy.max_ratio": cfg.Deploy.MaxRatio, "deploy.keep_versions": cfg.Deploy.KeepVersions,
+		"telemetry.otlp_endpoint": cfg.Telemetry.OTLPEndpoint, "telemetry.otlp_protocol": cfg.Telemetry.OTLPProtocol,
+		"telemetry.otlp_insecure": cfg.Telemetry.OTLPInsecure, "telemetry.metrics_push": cfg.Telemetry.MetricsPush,
+		"telemetry.metrics_address": cfg.Telemetry.MetricsAddress,
+		"log.format":                cfg.Log.Format, "log.level": cfg.Log.Level,
+	}
+	keys := make([]string, 0, len(rows))
+	for k := range rows {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	fmt.Fprintln(w, "configuration is valid; effective values:")
+	for _, k := range keys {
+		fmt.Fprintf(w, "  %-26s %v\n", k, rows[k])
+	}
 }

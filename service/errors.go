@@ -3,7 +3,8 @@ package service
 import (
 	"context"
 	"errors"
-	"time"
+
+	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
 // Domain errors. toStatus and the execution's error field are the only
@@ -22,7 +23,7 @@ const tracerName = "github.com/serverless-fabric/flux-agent/service"
 // it. Labels stay bounded: function names and statuses, never ids.
 type Metrics interface {
 	ExecutionStarted(ctx context.Context, function string, async bool)
-	ExecutionFinished(ctx context.Context, function, status string, d time.Duration, outputBytes int64, oom, timedOut, cancelled bool)
+	ExecutionFinished(ctx context.Context, function string, outcome telemetry.ExecutionOutcome)
 	RunningAdd(ctx context.Context, function string, delta int64)
 	QueuedAdd(ctx context.Context, function string, delta int64)
 	Deployed(ctx context.Context, function string, bytes int64, err error)
@@ -31,10 +32,9 @@ type Metrics interface {
 
 type noMetrics struct{}
 
-func (noMetrics) ExecutionStarted(context.Context, string, bool) {}
-func (noMetrics) ExecutionFinished(context.Context, string, string, time.Duration, int64, bool, bool, bool) {
-}
-func (noMetrics) RunningAdd(context.Context, string, int64)      {}
-func (noMetrics) QueuedAdd(context.Context, string, int64)       {}
-func (noMetrics) Deployed(context.Context, string, int64, error) {}
-func (noMetrics) RedisError(context.Context, string)             {}
+func (noMetrics) ExecutionStarted(context.Context, string, bool)                        {}
+func (noMetrics) ExecutionFinished(context.Context, string, telemetry.ExecutionOutcome) {}
+func (noMetrics) RunningAdd(context.Context, string, int64)                             {}
+func (noMetrics) QueuedAdd(context.Context, string, int64)                              {}
+func (noMetrics) Deployed(context.Context, string, int64, error)                        {}
+func (noMetrics) RedisError(context.Context, string)                                    {}

@@ -18,6 +18,7 @@ import (
 
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 	"github.com/serverless-fabric/flux-agent/sandbox"
+	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
 // execution is one accepted ExecuteFunction, from the claim of its id to
@@ -359,8 +360,14 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 	if rec.Status != StatusSuccess {
 		span.SetStatus(codes.Error, rec.Error)
 	}
-	s.metrics.ExecutionFinished(ctx, e.fn.GetName(), rec.Status, time.Duration(rec.DurationMS)*time.Millisecond,
-		rec.OutputBytes, rec.OOMKilled, rec.TimedOut, rec.Status == StatusCancelled)
+	s.metrics.ExecutionFinished(ctx, e.fn.GetName(), telemetry.ExecutionOutcome{
+		Status:      rec.Status,
+		Duration:    time.Duration(rec.DurationMS) * time.Millisecond,
+		OutputBytes: rec.OutputBytes,
+		OOMKilled:   rec.OOMKilled,
+		TimedOut:    rec.TimedOut,
+		Cancelled:   rec.Status == StatusCancelled,
+	})
 	level := slog.LevelInfo
 	if rec.Status == StatusFailed {
 		level = slog.LevelWarn

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/serverless-fabric/flux-agent/deployments"
+	"github.com/serverless-fabric/flux-agent/nodeinfo"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 	"github.com/serverless-fabric/flux-agent/sandbox"
 )
@@ -36,7 +37,7 @@ const finalWriteTimeout = 10 * time.Second
 // in nanoseconds.
 type NodeStats interface {
 	CPUPercent() float64
-	Memory() (totalBytes, usedBytes uint64)
+	Memory() nodeinfo.Memory
 }
 
 // NodeIPs gives the IPs injected into every execution.
@@ -223,17 +224,13 @@ func (s *Service) Ready(ctx context.Context) error {
 // ReportNodeStatus answers from memory: every figure is sampled in the
 // background or counted as executions come and go.
 func (s *Service) ReportNodeStatus(_ context.Context, _ *fluxpb.NodeStatusRequest) (*fluxpb.NodeStatusResponse, error) {
-	total, used := s.opts.Node.Memory()
-	var memPercent float64
-	if total > 0 {
-		memPercent = float64(used) / float64(total) * 100
-	}
+	mem := s.opts.Node.Memory()
 	return &fluxpb.NodeStatusResponse{
 		AgentId:       s.opts.AgentID,
 		CpuPercent:    s.opts.Node.CPUPercent(),
-		MemoryPercent: memPercent,
-		MemoryTotalMb: total >> 20,
-		MemoryUsedMb:  used >> 20,
+		MemoryPercent: mem.Percent(),
+		MemoryTotalMb: mem.TotalBytes >> 20,
+		MemoryUsedMb:  mem.UsedBytes >> 20,
 		ActiveTasks:   int32(s.ActiveTasks()),
 		MaxTasks:      int32(s.opts.MaxTasks),
 		UptimeSeconds: int64(time.Since(s.startedAt).Seconds()),
