@@ -1,0 +1,97 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+)
+
+// DefaultMetricsAddress is where /metrics, /healthz and /readyz are served
+// unless the config's metrics_address says otherwise: loopback, because the
+// endpoints are unauthenticated.
+const DefaultMetricsAddress = "127.0.0.1:9464"
+
+// readyCheckTimeout bounds one /readyz check, so a hung dependency makes the
+// probe fail rather than hang.
+const readyCheckTimeout = 5 * time.Second
+
+// HTTPServer serves the agent's operational endpoints. It owns the goroutine
+// that serves; Close stops it and waits.
+type HTTPServer struct {
+	listener net.Listener
+	server   *http.Server
+	served   chan struct{}
+}
+
+// ListenHTTP binds addr now, so a taken port is an error at start-up, and
+// serves in the background:
+//
+//	/metrics  metrics (usually Telemetry.PrometheusHandler)
+//	/healthz  200 while the process is alive
+//	/readyz   200 when ready returns nil, else 503 with the reason; a nil
+//	          ready is always ready
+func ListenHTTP(addr string, metrics http.Handler, ready func(context.Context) error, logger *slog.Logger) (*HTTPServer, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metrics)
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if ready != nil {
+			ctx, cancel := context.WithTimeout(r.Context(), readyCheckTimeout)
+			defer cancel()
+			if err := ready(ctx); err != nil {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				fmt.Fprintf(w, "not ready: %v\n", err)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ok")
+	})
+
+	listener, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics on %s: %w", addr, err)
+	}
+	s := &HTTPServer{
+		listener: listener,
+		server: &http.Server{
+			Handler:           mux,
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		},
+		served: make(chan struct{}),
+	}
+	go func() {
+		defer close(s.served)
+		if err := s.server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("metrics server stopped", "addr", listener.Addr().String(), "err", err)
+		}
+	}()
+	return s, nil
+}
+
+// Addr is the address the server listens on (the real port when addr had :0).
+func (s *HTTPServer) Addr() net.Addr {
+	return s.listener.Addr()
+}
+
+// Close stops accepting, lets requests in flight finish until ctx ends, then
+// drops the rest, and waits for the serving goroutine.
+func (s *HTTPServer) Close(ctx context.Context) error {
+	err := s.server.Shutdown(ctx)
+	if err != nil {
+		err = errors.Join(fmt.Errorf("metrics server shutdown: %w", err), s.server.Close())
+	}
+	<-s.served
+	return err
+}

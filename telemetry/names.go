@@ -1,0 +1,86 @@
+package telemetry
+
+import "go.opentelemetry.io/otel/attribute"
+
+// ScopeName names the agent's own instrumentation scope, so spans and
+// instruments the agent creates are told apart from otelgrpc's and redisotel's.
+const ScopeName = "github.com/serverless-fabric/flux-agent"
+
+// ServiceName is the resource's service.name unless OTEL_SERVICE_NAME says
+// otherwise; Jaeger lists the agent's traces under it.
+const ServiceName = "flux-agent"
+
+// Span names the agent creates itself. They are fixed strings (never the
+// function name or an execution id) so that tracing back ends can group them.
+const (
+	// SpanExecution covers one execution from its acceptance to its record
+	// being written: queueing, sandbox start, wait, and output streaming.
+	SpanExecution = "flux.execution"
+	// SpanSandboxStart covers preparing the sandbox and starting the process.
+	SpanSandboxStart = "flux.sandbox.start"
+	// SpanSandboxWait covers the process running until it and its tree are gone.
+	SpanSandboxWait = "flux.sandbox.wait"
+	// SpanDeploy covers receiving, checking and unpacking a function's code.
+	SpanDeploy = "flux.deploy"
+)
+
+// Span attribute keys. Build values with the key's methods, for example
+// AttrFunction.String(name) or AttrExitCode.Int(code).
+const (
+	// AttrAgentID is a resource attribute: the agent's id in the Flux fleet.
+	AttrAgentID = attribute.Key("flux.agent.id")
+
+	// AttrFunction is the function's name.
+	AttrFunction = attribute.Key("flux.function.name")
+	// AttrFunctionVersion is the deployed code's version.
+	AttrFunctionVersion = attribute.Key("flux.function.version")
+
+	// AttrExecutionID is the execution's id; it is a span attribute and a log
+	// field, never a metric label.
+	AttrExecutionID = attribute.Key("flux.execution.id")
+	// AttrAsync tells an async execution (answered before it runs) from a sync one.
+	AttrAsync = attribute.Key("flux.execution.async")
+	// AttrStatus is the execution's outcome: one of the Status constants.
+	AttrStatus = attribute.Key("flux.execution.status")
+	// AttrExitCode is the process's exit code (the semantic-conventions key).
+	AttrExitCode = attribute.Key("process.exit.code")
+	// AttrPID is the process id of the function's main process.
+	AttrPID = attribute.Key("process.pid")
+	// AttrOOMKilled is true when the kernel killed the function for memory.
+	AttrOOMKilled = attribute.Key("flux.execution.oom_killed")
+	// AttrTimedOut is true when the agent killed the function at its timeout.
+	AttrTimedOut = attribute.Key("flux.execution.timed_out")
+	// AttrCancelled is true when the execution was cancelled by a caller.
+	AttrCancelled = attribute.Key("flux.execution.cancelled")
+	// AttrPeakMemoryBytes is the highest memory use of the function's tree.
+	AttrPeakMemoryBytes = attribute.Key("flux.execution.peak_memory_bytes")
+	// AttrCPUSeconds is the user plus system CPU time of the function's tree.
+	AttrCPUSeconds = attribute.Key("flux.execution.cpu_seconds")
+	// AttrOutputBytes is how many output bytes the function wrote.
+	AttrOutputBytes = attribute.Key("flux.execution.output_bytes")
+	// AttrOutputTruncated is true when output beyond the limit was dropped.
+	AttrOutputTruncated = attribute.Key("flux.execution.output_truncated")
+	// AttrQueuedSeconds is how long the execution waited for a slot.
+	AttrQueuedSeconds = attribute.Key("flux.execution.queued_seconds")
+
+	// AttrDeployBytes is the size of the received zip.
+	AttrDeployBytes = attribute.Key("flux.deploy.bytes")
+	// AttrDeployFiles is how many files the zip held.
+	AttrDeployFiles = attribute.Key("flux.deploy.files")
+)
+
+// Execution outcomes, used as the status of an execution span and as the
+// status label of the finished-executions metric.
+const (
+	StatusSuccess   = "success"
+	StatusFailed    = "failed"
+	StatusCancelled = "cancelled"
+)
+
+// Log field names that tie a log line to its trace and its execution.
+const (
+	LogTraceID     = "trace_id"
+	LogSpanID      = "span_id"
+	LogExecutionID = "execution_id"
+	LogFunction    = "function"
+)
