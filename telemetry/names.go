@@ -54,14 +54,16 @@ const (
 	AttrCancelled = attribute.Key("flux.execution.cancelled")
 	// AttrPeakMemoryBytes is the highest memory use of the function's tree.
 	AttrPeakMemoryBytes = attribute.Key("flux.execution.peak_memory_bytes")
-	// AttrCPUSeconds is the user plus system CPU time of the function's tree.
-	AttrCPUSeconds = attribute.Key("flux.execution.cpu_seconds")
+	// AttrCPUTimeMS is the user plus system CPU time of the function's tree,
+	// in milliseconds (as in the execution record).
+	AttrCPUTimeMS = attribute.Key("flux.execution.cpu_time_ms")
 	// AttrOutputBytes is how many output bytes the function wrote.
 	AttrOutputBytes = attribute.Key("flux.execution.output_bytes")
 	// AttrOutputTruncated is true when output beyond the limit was dropped.
 	AttrOutputTruncated = attribute.Key("flux.execution.output_truncated")
-	// AttrQueuedSeconds is how long the execution waited for a slot.
-	AttrQueuedSeconds = attribute.Key("flux.execution.queued_seconds")
+	// AttrQueuedMS is how long the execution waited for a slot, in
+	// milliseconds (as in the execution record).
+	AttrQueuedMS = attribute.Key("flux.execution.queued_ms")
 
 	// AttrDeployBytes is the size of the received zip.
 	AttrDeployBytes = attribute.Key("flux.deploy.bytes")
