@@ -461,11 +461,19 @@ func (p *Port) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind != yaml.ScalarNode {
 		return fmt.Errorf("want a port number, got %s", nodeKind(n))
 	}
+	if n.Value == "" {
+		return errors.New("empty; want a port number")
+	}
 	return p.EnvDecode(n.Value)
 }
 
 // EnvDecode implements envconfig.Decoder.
+// An empty value leaves the port as it is (envconfig also calls decoders
+// of zero-valued fields whose variable is unset).
 func (p *Port) EnvDecode(s string) error {
+	if s == "" {
+		return nil
+	}
 	v, err := strconv.ParseUint(strings.TrimSpace(s), 10, 16)
 	if err != nil {
 		return fmt.Errorf("%q is not a port number (0-65535)", s)
@@ -492,11 +500,18 @@ func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind != yaml.ScalarNode {
 		return fmt.Errorf("want a size, got %s", nodeKind(n))
 	}
+	if n.Value == "" {
+		return errors.New("empty; want a size")
+	}
 	return b.EnvDecode(n.Value)
 }
 
 // EnvDecode implements envconfig.Decoder.
+// An empty value leaves the size as it is.
 func (b *ByteSize) EnvDecode(s string) error {
+	if s == "" {
+		return nil
+	}
 	num, factor := strings.TrimSpace(s), int64(1)
 	for _, u := range byteUnits {
 		if strings.HasSuffix(num, u.suffix) {

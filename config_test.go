@@ -155,6 +155,7 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		{"port not a number", "port: abc\n", nil, "port:"},
 		{"port out of range", "port: 70000\n", nil, "port:"},
 		{"port a list", "port: [1]\n", nil, "port:"},
+		{"port empty", "port: ''\n", nil, "port:"},
 		{"bad duration", "shutdown_grace: soon\n", nil, "shutdown_grace:"},
 		{"bad size", "output_limit: lots\n", nil, "output_limit:"},
 		{"negative max_tasks", "max_tasks: -1\n", nil, "max_tasks:"},
@@ -242,7 +243,7 @@ func TestByteSize(t *testing.T) {
 			t.Errorf("%q: got %d, %v; want %d", in, b, err, want)
 		}
 	}
-	for _, in := range []string{"", "-1", "1.5MiB", "MiB", "9999999999GiB"} {
+	for _, in := range []string{" ", "-1", "1.5MiB", "MiB", "9999999999GiB"} {
 		var b ByteSize
 		if err := b.EnvDecode(in); err == nil {
 			t.Errorf("%q: no error", in)
