@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -47,9 +48,11 @@ type cgroupDriver interface {
 
 // execCgroup is one execution's cgroup.
 type execCgroup interface {
-	// enter runs on the thread that is about to fork, so the child is born
-	// inside; leave undoes what enter did to the thread.
-	enter(attr *syscall.SysProcAttr) (leave func() error, err error)
+	// prepare arranges for cmd to be in the cgroup before the function's
+	// first instruction. started, when not nil, must be called with the
+	// pid once cmd started and completes it; cleanup releases what prepare
+	// took, whether the start succeeded or not.
+	prepare(cmd *exec.Cmd) (started func(pid int) error, cleanup func(), err error)
 	signalAll(sig syscall.Signal) error
 	// kill kills every process in the cgroup; none can fork meanwhile.
 	kill() error
@@ -65,9 +68,8 @@ var v1Controllers = []string{"memory", "cpu", "pids", "freezer"}
 // cgroupLayout is where the cgroup hierarchies are mounted and where this
 // agent sits in them, as read from mountinfo and /proc/self/cgroup.
 type cgroupLayout struct {
-	// v1 maps a controller to its hierarchy's mount point; v1Own to the
-	// agent's own cgroup dir in that hierarchy.
-	v1, v1Own map[string]string
+	// v1 maps a controller to its hierarchy's mount point.
+	v1 map[string]string
 	// v2Mount is the cgroup2 mount point; v2Own is the agent's cgroup
 	// relative to it ("" when the agent's cgroup is outside the mount).
 	v2Mount, v2Own string
@@ -88,20 +90,14 @@ func (l cgroupLayout) mode() string {
 // detectLayout reads the layout from a process's mountinfo and cgroup
 // membership.
 func detectLayout(mounts []*procfs.MountInfo, own []procfs.Cgroup) cgroupLayout {
-	l := cgroupLayout{v1: map[string]string{}, v1Own: map[string]string{}}
+	l := cgroupLayout{v1: map[string]string{}}
 	for _, m := range mounts {
 		switch m.FSType {
 		case "cgroup":
 			for opt := range m.SuperOptions {
 				if slices.Contains(v1Controllers, opt) || opt == "cpuacct" {
-					if _, seen := l.v1[opt]; seen {
-						continue
-					}
-					l.v1[opt] = m.MountPoint
-					for _, c := range own {
-						if p := pathInMount(c.Path, m.Root); slices.Contains(c.Controllers, opt) && p != "" {
-							l.v1Own[opt] = filepath.Join(m.MountPoint, p)
-						}
+					if _, seen := l.v1[opt]; !seen {
+						l.v1[opt] = m.MountPoint
 					}
 				}
 			}
@@ -254,6 +250,9 @@ func writeCgroupFile(dir, name, value string) error {
 		err = cerr
 	}
 	if err != nil {
+		if pe := (*os.PathError)(nil); errors.As(err, &pe) {
+			err = pe.Err
+		}
 		return fmt.Errorf("write %q to %s: %w", value, p, err)
 	}
 	return nil

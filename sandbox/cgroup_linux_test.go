@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,10 +29,28 @@ func forEachContainment(t *testing.T, test func(t *testing.T, cfg Config)) {
 	})
 }
 
+// requiredEnv lists what a CI run insists on ("v1", "v2", "runner"):
+// there, a gate that would skip fails instead, so isolation that silently
+// went missing cannot pass as skipped tests.
+const requiredEnv = "FLUX_SANDBOX_TEST_REQUIRE"
+
+func required(what string) bool {
+	return slices.Contains(strings.Split(os.Getenv(requiredEnv), ","), what)
+}
+
+// skip skips, or fails when the run requires what is missing.
+func skip(t *testing.T, need, format string, args ...any) {
+	t.Helper()
+	if required(need) {
+		t.Fatalf("%s=%s, but: %s", requiredEnv, os.Getenv(requiredEnv), fmt.Sprintf(format, args...))
+	}
+	t.Skipf(format, args...)
+}
+
 func requireRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root")
+		skip(t, "root", "needs root")
 	}
 }
 
@@ -46,6 +65,11 @@ func requireCgroup(t *testing.T) string {
 	}
 	defer s.Close()
 	v := s.Isolation().Cgroup
+	for _, want := range []string{"v1", "v2"} {
+		if required(want) && v != want {
+			t.Fatalf("%s=%s, but the sandbox uses cgroup %s: %v", requiredEnv, os.Getenv(requiredEnv), v, s.Isolation().Degraded)
+		}
+	}
 	if v == "none" {
 		t.Skipf("no writable cgroup: %v", s.Isolation().Degraded)
 	}
@@ -55,7 +79,7 @@ func requireCgroup(t *testing.T) string {
 func requireCgroupV2(t *testing.T) {
 	t.Helper()
 	if v := requireCgroup(t); v != "v2" {
-		t.Skipf("needs cgroup v2, this host uses %s", v)
+		skip(t, "v2", "needs cgroup v2, this host uses %s", v)
 	}
 }
 
@@ -68,7 +92,7 @@ func requireRunner(t *testing.T) *user.User {
 	requireRoot(t)
 	u, err := user.Lookup(testRunner)
 	if err != nil {
-		t.Skipf("user %s missing (useradd --system %s): %v", testRunner, testRunner, err)
+		skip(t, "runner", "user %s missing (sandbox/vmtest/setup-runner.sh creates it): %v", testRunner, err)
 	}
 	return u
 }
@@ -387,23 +411,21 @@ func TestDetectLayout(t *testing.T) {
 	}{
 		{"hybrid", "v1", cgroupLayout{
 			v1:      map[string]string{"cpu": "/sys/fs/cgroup/cpu", "cpuacct": "/sys/fs/cgroup/cpuacct", "memory": "/sys/fs/cgroup/memory", "pids": "/sys/fs/cgroup/pids", "freezer": "/sys/fs/cgroup/freezer"},
-			v1Own:   map[string]string{"cpu": "/sys/fs/cgroup/cpu", "cpuacct": "/sys/fs/cgroup/cpuacct", "memory": "/sys/fs/cgroup/memory/process_api/301cebe74aa3d1c406701a2f818b1780", "pids": "/sys/fs/cgroup/pids", "freezer": "/sys/fs/cgroup/freezer"},
 			v2Mount: "/sys/fs/cgroup/unified", v2Own: "/",
 		}},
 		{"v1-comounted", "v1", cgroupLayout{
 			v1:      map[string]string{"cpu": "/sys/fs/cgroup/cpu,cpuacct", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct", "memory": "/sys/fs/cgroup/memory", "pids": "/sys/fs/cgroup/pids", "freezer": "/sys/fs/cgroup/freezer"},
-			v1Own:   map[string]string{"cpu": "/sys/fs/cgroup/cpu,cpuacct/system.slice/flux-agent.service", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct/system.slice/flux-agent.service", "memory": "/sys/fs/cgroup/memory/system.slice/flux-agent.service", "pids": "/sys/fs/cgroup/pids/system.slice/flux-agent.service", "freezer": "/sys/fs/cgroup/freezer"},
 			v2Mount: "/sys/fs/cgroup/unified", v2Own: "/system.slice/flux-agent.service",
 		}},
 		{"v2-systemd", "v2", cgroupLayout{
-			v1: map[string]string{}, v1Own: map[string]string{},
+			v1:      map[string]string{},
 			v2Mount: "/sys/fs/cgroup", v2Own: "/system.slice/flux-agent.service",
 		}},
 		{"v2-namespaced", "v2", cgroupLayout{
-			v1: map[string]string{}, v1Own: map[string]string{},
+			v1:      map[string]string{},
 			v2Mount: "/sys/fs/cgroup", v2Own: "/",
 		}},
-		{"none", "none", cgroupLayout{v1: map[string]string{}, v1Own: map[string]string{}}},
+		{"none", "none", cgroupLayout{v1: map[string]string{}}},
 	} {
 		t.Run(tc.fixture, func(t *testing.T) {
 			fs, err := procfs.NewFS(filepath.Join("testdata", "layout", tc.fixture))
@@ -484,4 +506,85 @@ func TestIsolationSaysWhatIsMissing(t *testing.T) {
 		t.Errorf("isolation %+v", iso)
 	}
 	_ = context.Background
+}
+
+func TestLimitsAreWrittenBeforeTheStart(t *testing.T) {
+	version := requireCgroup(t)
+	s := newSandbox(t, Config{PidsLimit: 77})
+	out := newOutputBuffer()
+	p := start(t, s, Spec{
+		Path:   writeScript(t, t.TempDir(), "echo ready; sleep 60"),
+		Output: out,
+		Limits: Limits{MemoryBytes: ptr(48 << 20), CPUMillicores: ptr(250)},
+	})
+	defer func() { p.Cancel(); <-p.Done() }()
+	out.waitFor(t, "ready", 10*time.Second)
+	type file struct{ ctrl, name, value string }
+	want := map[string][]file{
+		"v1": {
+			{"memory", "memory.limit_in_bytes", "50331648"},
+			{"cpu", "cpu.cfs_quota_us", "25000"},
+			{"cpu", "cpu.cfs_period_us", "100000"},
+			{"pids", "pids.max", "77"},
+		},
+		"v2": {
+			{"memory", "memory.max", "50331648"},
+			{"memory", "memory.swap.max", "0"},
+			{"memory", "memory.oom.group", "1"},
+			{"cpu", "cpu.max", "25000 100000"},
+			{"pids", "pids.max", "77"},
+		},
+	}[version]
+	var got []file
+	for _, f := range want {
+		b, err := os.ReadFile(filepath.Join(execDir(t, p, f.ctrl), f.name))
+		if errors.Is(err, os.ErrNotExist) && f.name == "memory.swap.max" {
+			got = append(got, f) // no swap accounting on this kernel
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, file{f.ctrl, f.name, strings.TrimSpace(string(b))})
+	}
+	if diff := cmp.Diff(want, got, cmp.AllowUnexported(file{})); diff != "" {
+		t.Errorf("limits (-want +got):\n%s", diff)
+	}
+}
+
+func TestUnwritableLimitIsAnError(t *testing.T) {
+	requireCgroup(t)
+	s := newSandbox(t, Config{})
+	// A CPU quota above what CFS takes (2^44 µs per period).
+	_, err := s.Start(context.Background(), Spec{ID: "huge", Path: "/bin/true", Dir: "/", Limits: Limits{CPUMillicores: ptr(1e12)}})
+	if err == nil {
+		t.Fatal("a limit the kernel refuses did not fail the start")
+	}
+	t.Logf("refused: %v", err)
+	for _, dir := range instanceDirs(t, s) {
+		if entries, _ := os.ReadDir(dir); countDirs(entries) != 0 {
+			t.Errorf("a refused start left cgroups in %s", dir)
+		}
+	}
+}
+
+func TestV2AgentMovesIntoALeafOfItsCgroup(t *testing.T) {
+	requireCgroupV2(t)
+	s := newSandbox(t, Config{})
+	own, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst := instanceDirs(t, s)["unified"]
+	parent := filepath.Dir(inst)
+	if parent == "/sys/fs/cgroup" {
+		t.Skip("the test runs in the root cgroup, which may hold processes")
+	}
+	if got, want := strings.TrimSpace(string(own)), "0::"+strings.TrimPrefix(parent, "/sys/fs/cgroup")+"/"+agentLeaf; got != want {
+		t.Errorf("agent in %q, want %q", got, want)
+	}
+	ctl, err := readCgroupFile(parent, "cgroup.subtree_control")
+	if err != nil || !strings.Contains(string(ctl), "memory") || !strings.Contains(string(ctl), "pids") {
+		t.Errorf("subtree_control of %s: %q %v", parent, ctl, err)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -22,16 +23,20 @@ const defaultCgroupV1Root = "/flux-agent"
 // (cpuacct,) pids and freezer hierarchies.
 type cgroupV1 struct {
 	log *slog.Logger
-	// instance maps a controller to this agent's dir in its hierarchy;
-	// own to the agent's own cgroup there (where a forking thread returns).
-	instance, own map[string]string
+	// instance maps a controller to this agent's dir in its hierarchy.
+	instance map[string]string
+	sh, env  string
 }
 
 func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV1, error) {
 	if root == "" {
 		root = defaultCgroupV1Root
 	}
-	c := &cgroupV1{log: log, instance: map[string]string{}, own: map[string]string{}}
+	sh, env, err := v1Tools()
+	if err != nil {
+		return nil, err
+	}
+	c := &cgroupV1{log: log, instance: map[string]string{}, sh: sh, env: env}
 	controllers := append([]string{"cpuacct"}, v1Controllers...)
 	for _, ctrl := range controllers {
 		mount, ok := layout.v1[ctrl]
@@ -46,10 +51,6 @@ func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) 
 			return nil, err
 		}
 		c.instance[ctrl] = filepath.Join(parent, instance)
-		c.own[ctrl] = layout.v1Own[ctrl]
-		if c.own[ctrl] == "" {
-			c.own[ctrl] = mount
-		}
 	}
 	for _, parent := range c.parents() {
 		removeStaleInstances(parent, c.killTree, log)
@@ -113,7 +114,7 @@ func (c *cgroupV1) close() error {
 }
 
 func (c *cgroupV1) create(name string, limits resolvedLimits) (execCgroup, error) {
-	e := &execCgroupV1{dirs: map[string]string{}, own: c.own, limits: limits}
+	e := &execCgroupV1{dirs: map[string]string{}, limits: limits, sh: c.sh, env: c.env}
 	for ctrl, d := range c.instance {
 		e.dirs[ctrl] = filepath.Join(d, name)
 	}
@@ -134,8 +135,8 @@ func (c *cgroupV1) create(name string, limits resolvedLimits) (execCgroup, error
 type execCgroupV1 struct {
 	dirs     map[string]string // controller → this execution's dir
 	distinct []string
-	own      map[string]string
 	limits   resolvedLimits
+	sh, env  string
 }
 
 func (e *execCgroupV1) writeLimits() error {
@@ -163,31 +164,58 @@ func (e *execCgroupV1) writeLimits() error {
 	return writeCgroupFile(e.dirs["pids"], "pids.max", strconv.FormatInt(e.limits.pids, 10))
 }
 
-// enter moves the calling thread (not its process: v1 places threads) into
-// the execution's cgroups, so the process it forks is born there.
-func (e *execCgroupV1) enter(*syscall.SysProcAttr) (func() error, error) {
-	tid := strconv.Itoa(unix.Gettid())
-	var entered []string
-	leave := func() error {
-		var errs []error
-		for _, ctrl := range entered {
-			errs = append(errs, writeCgroupFile(e.own[ctrl], "tasks", tid))
-		}
-		return errors.Join(errs...)
+// v1Trampoline is the shell script a v1 execution starts as: it waits
+// until the agent has moved it into its cgroups and says so on fd 3, then
+// becomes env(1), which becomes the function with exactly its environment
+// (a shell adds variables of its own, such as PWD). v1 has no
+// CLONE_INTO_CGROUP, and moving the forking thread in instead would expose
+// the agent to the execution's OOM killer while the child execs.
+const v1Trampoline = `read -r _ <&3 || exit 125; exec 3<&-; exec "$0" -i -- "$@"`
+
+// v1Tools finds the shell and env(1) the trampoline needs.
+func v1Tools() (sh, env string, err error) {
+	sh = "/bin/sh"
+	if _, err := os.Stat(sh); err != nil {
+		return "", "", fmt.Errorf("start trampoline: %w", err)
 	}
-	seen := map[string]bool{}
-	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
-		d, ok := e.dirs[ctrl]
-		if !ok || seen[d] {
-			continue
+	for _, env := range []string{"/usr/bin/env", "/bin/env"} {
+		if _, err := os.Stat(env); err == nil {
+			return sh, env, nil
 		}
-		seen[d] = true
-		if err := writeCgroupFile(d, "tasks", tid); err != nil {
-			return nil, errors.Join(fmt.Errorf("joining the execution's cgroup: %w", err), leave())
-		}
-		entered = append(entered, ctrl)
 	}
-	return leave, nil
+	return "", "", fmt.Errorf("start trampoline: env(1): %w", os.ErrNotExist)
+}
+
+// prepare turns cmd into the gated trampoline; started moves the waiting
+// process into every hierarchy, then opens the gate.
+func (e *execCgroupV1) prepare(cmd *exec.Cmd) (func(int) error, func(), error) {
+	gateR, gateW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, fmt.Errorf("start gate: %w", err)
+	}
+	args := append([]string{e.sh, "-c", v1Trampoline, e.env}, cmd.Env...)
+	args = append(args, cmd.Path)
+	cmd.Args = append(args, cmd.Args[1:]...)
+	cmd.Path = e.sh
+	cmd.Env = []string{}
+	cmd.ExtraFiles = []*os.File{gateR}
+	started := func(pid int) error {
+		_ = gateR.Close()
+		for _, d := range e.distinct {
+			if err := writeCgroupFile(d, "cgroup.procs", strconv.Itoa(pid)); err != nil {
+				return fmt.Errorf("joining the execution's cgroup: %w", err)
+			}
+		}
+		if _, err := gateW.Write([]byte("go\n")); err != nil {
+			return fmt.Errorf("start gate: %w", err)
+		}
+		return nil
+	}
+	cleanup := func() {
+		_ = gateR.Close()
+		_ = gateW.Close()
+	}
+	return started, cleanup, nil
 }
 
 func (e *execCgroupV1) signalAll(sig syscall.Signal) error {

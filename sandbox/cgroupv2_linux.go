@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -67,6 +68,10 @@ func v2Base(layout cgroupLayout, root string) (string, error) {
 	}
 	if layout.v2Own == "/" {
 		return base, nil // the root cgroup may have processes and children
+	}
+	if filepath.Base(base) == agentLeaf {
+		// Already in the leaf (another Sandbox in this process moved it).
+		return filepath.Dir(base), nil
 	}
 	if err := os.Mkdir(filepath.Join(base, agentLeaf), 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return "", err
@@ -154,15 +159,16 @@ func (e *execCgroupV2) writeLimits() error {
 	return writeCgroupFile(e.dir, "pids.max", strconv.FormatInt(e.limits.pids, 10))
 }
 
-// enter makes the fork clone3 straight into the cgroup (CLONE_INTO_CGROUP).
-func (e *execCgroupV2) enter(attr *syscall.SysProcAttr) (func() error, error) {
+// prepare makes the fork clone3 straight into the cgroup
+// (CLONE_INTO_CGROUP).
+func (e *execCgroupV2) prepare(cmd *exec.Cmd) (func(int) error, func(), error) {
 	fd, err := unix.Open(e.dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: e.dir, Err: err}
+		return nil, nil, &os.PathError{Op: "open", Path: e.dir, Err: err}
 	}
-	attr.UseCgroupFD = true
-	attr.CgroupFD = fd
-	return func() error { return unix.Close(fd) }, nil
+	cmd.SysProcAttr.UseCgroupFD = true
+	cmd.SysProcAttr.CgroupFD = fd
+	return nil, func() { _ = unix.Close(fd) }, nil
 }
 
 func (e *execCgroupV2) signalAll(sig syscall.Signal) error { return signalProcs(e.dir, sig) }

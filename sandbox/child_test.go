@@ -3,6 +3,8 @@ package sandbox
 import (
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 )
 
@@ -19,6 +21,18 @@ func runTestChild(mode string, args []string) int {
 			mem[i] = 1
 		}
 		fmt.Println("allocated", mib)
+		return 0
+	case "env": // print the environment sorted, then check TMPDIR is usable
+		env := os.Environ()
+		slices.Sort(env)
+		for _, kv := range env {
+			fmt.Println(kv)
+		}
+		if err := os.WriteFile(filepath.Join(os.Getenv("TMPDIR"), "probe"), []byte("x"), 0o600); err != nil {
+			fmt.Println(err)
+			return 1
+		}
+		fmt.Println("scratch writable")
 		return 0
 	default:
 		fmt.Fprintln(os.Stderr, "unknown test child mode", mode)

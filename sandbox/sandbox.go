@@ -332,6 +332,11 @@ func (s *Sandbox) start(spec Spec, name, scratch string) (p *Process, err error)
 			err = errors.Join(err, removeScratch(scratch))
 		}
 	}()
+	if fi, err := os.Stat(spec.Path); err != nil {
+		return nil, fmt.Errorf("handler: %w", err)
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: handler %s is not a regular file", ErrInvalidSpec, spec.Path)
+	}
 	if err := s.host.ownScratch(scratch); err != nil {
 		return nil, fmt.Errorf("scratch dir: %w", err)
 	}

@@ -140,7 +140,7 @@ func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (*box, error) {
 			return nil, err
 		}
 	}
-	if err := startOnDedicatedThread(cmd, cg); err != nil {
+	if err := startInside(cmd, cg); err != nil {
 		if cg != nil {
 			err = errors.Join(err, cg.remove())
 		}
@@ -149,39 +149,51 @@ func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (*box, error) {
 	return &box{pid: cmd.Process.Pid, cgroup: cg, proc: h.proc}, nil
 }
 
+// startInside starts cmd so that it is in cg (when there is one) before
+// the function's first instruction.
+func startInside(cmd *exec.Cmd, cg execCgroup) error {
+	if cg == nil {
+		return startOnDedicatedThread(cmd)
+	}
+	started, cleanup, err := cg.prepare(cmd)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	if err := startOnDedicatedThread(cmd); err != nil {
+		return err
+	}
+	if started == nil {
+		return nil
+	}
+	if err := started(cmd.Process.Pid); err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return err
+	}
+	return nil
+}
+
 // startOnDedicatedThread forks from a thread that exists for this start
-// only. It gets no_new_privs (inherited by the child through exec, and
-// impossible to clear) and, on cgroup v1, joins the execution's cgroup so
-// the child is born there; the thread is then thrown away rather than
+// only: it gets no_new_privs (inherited by the child through exec, and
+// impossible to clear), so it is thrown away afterwards rather than
 // returned to the Go scheduler.
-func startOnDedicatedThread(cmd *exec.Cmd, cg execCgroup) error {
+func startOnDedicatedThread(cmd *exec.Cmd) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		// No UnlockOSThread: when this goroutine returns, the runtime ends
-		// the thread with its no_new_privs and cgroup membership.
+		// the thread. (A locked thread is also never cloned by the runtime,
+		// so its state cannot spread.)
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			errc <- fmt.Errorf("no_new_privs: %w", err)
 			return
 		}
-		var leave func() error
-		if cg != nil {
-			var err error
-			if leave, err = cg.enter(cmd.SysProcAttr); err != nil {
-				errc <- err
-				return
-			}
+		if err := cmd.Start(); err != nil {
+			errc <- fmt.Errorf("start %s: %w", cmd.Path, err)
+			return
 		}
-		err := cmd.Start()
-		if err != nil {
-			err = fmt.Errorf("start %s: %w", cmd.Path, err)
-		}
-		if leave != nil {
-			// The thread dies anyway; leaving keeps it out of the
-			// execution's counters and lets the cgroup be removed at once.
-			_ = leave()
-		}
-		errc <- err
+		errc <- nil
 	}()
 	return <-errc
 }

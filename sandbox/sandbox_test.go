@@ -169,11 +169,14 @@ func TestEnvironmentIsExactlyTheSpecs(t *testing.T) {
 func testEnvironmentIsExactlyTheSpecs(t *testing.T, cfg Config) {
 	t.Setenv("FLUX_AGENT_SECRET", "agent-only")
 	s := newSandbox(t, cfg)
-	out, _ := run(t, s, `env | sort; [ -d "$TMPDIR" ] && [ -w "$TMPDIR" ] && echo scratch-ok`, Spec{Env: []string{"A=1", "PATH=/usr/bin:/bin", "TMPDIR=/overridden"}})
-	lines := strings.Split(strings.TrimSpace(out), "\n")
+	spec := testChild(t, "env")
+	spec.Env = append(spec.Env, "A=1", "PATH=/usr/bin:/bin", "TMPDIR=/overridden", "-odd=key")
+	out := newOutputBuffer()
+	spec.Output = out
+	res := waitDone(t, start(t, s, spec), 30*time.Second)
 	var tmpdir string
 	var got []string
-	for _, l := range lines {
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
 		switch {
 		case strings.HasPrefix(l, "TMPDIR="):
 			tmpdir = strings.TrimPrefix(l, "TMPDIR=")
@@ -183,14 +186,13 @@ func testEnvironmentIsExactlyTheSpecs(t *testing.T, cfg Config) {
 				t.Errorf("HOME %q is not the scratch dir %q", l, tmpdir)
 			}
 			got = append(got, "HOME=<scratch>")
-		case strings.HasPrefix(l, "PWD="): // the shell sets it
 		default:
 			got = append(got, l)
 		}
 	}
-	want := []string{"A=1", "HOME=<scratch>", "PATH=/usr/bin:/bin", "TMPDIR=<scratch>", "scratch-ok"}
-	if diff := cmp.Diff(want, got); diff != "" {
-		t.Errorf("environment (-want +got):\n%s", diff)
+	want := []string{"-odd=key", "A=1", testChildEnv + "=env", "HOME=<scratch>", "PATH=/usr/bin:/bin", "TMPDIR=<scratch>", "scratch writable"}
+	if diff := cmp.Diff(want, got); diff != "" || res.ExitCode != 0 {
+		t.Errorf("exit %d, environment (-want +got):\n%s", res.ExitCode, diff)
 	}
 	if _, err := os.Stat(tmpdir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("scratch dir %q left behind: %v", tmpdir, err)
