@@ -386,7 +386,10 @@ func splitPath(p string) []string {
 func (p *plan) markHandler(handler string) error {
 	hops := 0
 	stack, err := p.resolve(nil, handler, &hops)
-	if err != nil {
+	switch {
+	case errors.Is(err, errMissing):
+		return fmt.Errorf("%w: handler %q is not in the archive", ErrBadArchive, handler)
+	case err != nil:
 		return fmt.Errorf("%w: handler %q: %w", ErrBadArchive, handler, err)
 	}
 	e := p.byName[strings.Join(stack, "/")]

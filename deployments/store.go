@@ -399,7 +399,7 @@ func (s *Store) beginDeploy(name string) (*function, error) {
 func (s *Store) install(ctx context.Context, name string, fn *function, handler, digest string, archive []byte) (*record, error) {
 	zr, err := zip.NewReader(bytes.NewReader(archive), int64(len(archive)))
 	if err != nil && !errors.Is(err, zip.ErrInsecurePath) { // names are checked below, with better messages
-		return nil, fmt.Errorf("%w: %w", ErrBadArchive, err)
+		return nil, fmt.Errorf("%w: cannot read it as a zip: %w", ErrBadArchive, err)
 	}
 	p, err := planArchive(zr, int64(len(archive)), handler, s.limits)
 	if err != nil {
