@@ -111,18 +111,6 @@ func sharedDir(t *testing.T) string {
 	return dir
 }
 
-// testChild is a spec that runs this test binary as the child in mode.
-func testChild(t *testing.T, mode string, args ...string) Spec {
-	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return Spec{ID: t.Name(), Path: exe, Args: args, Dir: filepath.Dir(exe), Env: []string{testChildEnv + "=" + mode}}
-}
-
-func ptr(v int64) *int64 { return &v }
-
 // execDir is a running execution's cgroup dir for a v1 controller or the
 // v2 cgroup.
 func execDir(t *testing.T, p *Process, ctrl string) string {

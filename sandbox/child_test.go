@@ -5,12 +5,34 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"testing"
+
+	"go.uber.org/goleak"
 	"strconv"
 )
 
 // testChildEnv makes the test binary act as a function process (Nomad's
 // testtask habit): the value names what it does.
 const testChildEnv = "FLUX_SANDBOX_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(testChildEnv); mode != "" {
+		os.Exit(runTestChild(mode, os.Args[1:]))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// testChild is a spec that runs this test binary as the child in mode.
+func testChild(t *testing.T, mode string, args ...string) Spec {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Spec{ID: t.Name(), Path: exe, Args: args, Dir: filepath.Dir(exe), Env: []string{testChildEnv + "=" + mode}}
+}
+
+func ptr(v int64) *int64 { return &v }
 
 func runTestChild(mode string, args []string) int {
 	switch mode {

@@ -625,3 +625,19 @@ func removeScratch(dir string) error {
 	}
 	return nil
 }
+
+// poll calls done until it reports true or fails, backing off from 1 ms to
+// 20 ms, and fails after timeout.
+func poll(timeout time.Duration, done func() (bool, error)) error {
+	deadline := time.Now().Add(timeout)
+	for pause := time.Millisecond; ; pause = min(2*pause, 20*time.Millisecond) {
+		ok, err := done()
+		if ok || err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not done after %v: %w", timeout, os.ErrDeadlineExceeded)
+		}
+		time.Sleep(pause)
+	}
+}

@@ -14,15 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"go.uber.org/goleak"
 )
-
-func TestMain(m *testing.M) {
-	if mode := os.Getenv(testChildEnv); mode != "" {
-		os.Exit(runTestChild(mode, os.Args[1:]))
-	}
-	goleak.VerifyTestMain(m)
-}
 
 // outputBuffer is a Spec.Output that tests can wait on.
 type outputBuffer struct {

@@ -1,0 +1,318 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/windows"
+)
+
+// scratchEnvKeys name the scratch dir in the function's environment.
+var scratchEnvKeys = []string{"TMP", "TEMP"}
+
+// envKeyEqual compares environment keys as Windows does: ignoring case.
+func envKeyEqual(a, b string) bool { return strings.EqualFold(a, b) }
+
+// killedExitCode is the exit code of a process ended by a cancel or a
+// timeout: the same number a SIGKILL gives on Linux.
+const killedExitCode = 137
+
+// Job object structures and messages x/sys/windows does not define
+// (winnt.h).
+type (
+	jobAssociateCompletionPort struct {
+		CompletionKey  uintptr
+		CompletionPort windows.Handle
+	}
+	jobCPURateControl struct {
+		ControlFlags uint32
+		CPURate      uint32
+	}
+	jobBasicAccounting struct {
+		TotalUserTime             int64
+		TotalKernelTime           int64
+		ThisPeriodTotalUserTime   int64
+		ThisPeriodTotalKernelTime int64
+		TotalPageFaultCount       uint32
+		TotalProcesses            uint32
+		ActiveProcesses           uint32
+		TotalTerminatedProcesses  uint32
+	}
+)
+
+const (
+	jobCPURateControlEnable  = 0x1
+	jobCPURateControlHardCap = 0x4
+
+	jobMsgProcessMemoryLimit = 9
+	jobMsgJobMemoryLimit     = 10
+
+	stillActive = 259
+)
+
+// host is the Windows containment: a job object per execution. Functions
+// run as the agent's own account.
+type host struct {
+	pids int64
+}
+
+func newHost(cfg Config, instance string) (*host, Isolation, error) {
+	iso := Isolation{Cgroup: "none", JobObject: true, UID: -1}
+	if u, err := user.Current(); err == nil {
+		iso.User = u.Username
+	}
+	if cfg.User != "" {
+		iso.Degraded = append(iso.Degraded, fmt.Sprintf("running functions as %q is not supported on Windows: they run as the agent's own account", cfg.User))
+	} else {
+		iso.Degraded = append(iso.Degraded, "no user configured: functions run as the agent's own account")
+	}
+	return &host{pids: cfg.PidsLimit}, iso, nil
+}
+
+func (h *host) close() error { return nil }
+
+func (h *host) ownScratch(string) error { return nil }
+
+// box is one execution's job object.
+type box struct {
+	pid     int
+	job     windows.Handle
+	process windows.Handle
+	port    windows.Handle // receives the job's limit messages
+	limits  jobLimits
+}
+
+// start creates the job, starts cmd suspended, assigns it to the job and
+// only then resumes it: no instruction of the function, and so no child of
+// it, runs outside the job.
+func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (b *box, err error) {
+	b = &box{limits: newJobLimits(limits, h.pids, runtime.NumCPU())}
+	defer func() {
+		if err != nil {
+			_ = b.remove()
+		}
+	}()
+	if b.job, err = windows.CreateJobObject(nil, nil); err != nil {
+		return nil, fmt.Errorf("job object: %w", err)
+	}
+	if b.port, err = windows.CreateIoCompletionPort(windows.InvalidHandle, 0, 0, 1); err != nil {
+		return nil, fmt.Errorf("job completion port: %w", err)
+	}
+	assoc := jobAssociateCompletionPort{CompletionKey: uintptr(b.job), CompletionPort: b.port}
+	if err := setJobInfo(b.job, windows.JobObjectAssociateCompletionPortInformation, &assoc); err != nil {
+		return nil, fmt.Errorf("job completion port: %w", err)
+	}
+	var ext windows.JOBOBJECT_EXTENDED_LIMIT_INFORMATION
+	ext.BasicLimitInformation.LimitFlags = b.limits.flags
+	ext.BasicLimitInformation.ActiveProcessLimit = b.limits.activeProcesses
+	ext.JobMemoryLimit = uintptr(b.limits.jobMemory)
+	if err := setJobInfo(b.job, windows.JobObjectExtendedLimitInformation, &ext); err != nil {
+		return nil, fmt.Errorf("job limits: %w", err)
+	}
+	if b.limits.cpuRate > 0 {
+		rate := jobCPURateControl{ControlFlags: jobCPURateControlEnable | jobCPURateControlHardCap, CPURate: b.limits.cpuRate}
+		if err := setJobInfo(b.job, windows.JobObjectCpuRateControlInformation, &rate); err != nil {
+			return nil, fmt.Errorf("job cpu limit: %w", err)
+		}
+	}
+
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		CreationFlags: windows.CREATE_SUSPENDED | windows.CREATE_NEW_PROCESS_GROUP,
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
+	}
+	b.pid = cmd.Process.Pid
+	abandon := func(err error) (*box, error) {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, err
+	}
+	const access = windows.PROCESS_SET_QUOTA | windows.PROCESS_TERMINATE | windows.SYNCHRONIZE | windows.PROCESS_QUERY_LIMITED_INFORMATION
+	if b.process, err = windows.OpenProcess(access, false, uint32(b.pid)); err != nil {
+		return abandon(fmt.Errorf("open process %d: %w", b.pid, err))
+	}
+	if err := windows.AssignProcessToJobObject(b.job, b.process); err != nil {
+		return abandon(fmt.Errorf("assign process %d to its job: %w", b.pid, err))
+	}
+	if err := resumeProcess(b.pid); err != nil {
+		return abandon(err)
+	}
+	return b, nil
+}
+
+func setJobInfo[T any](job windows.Handle, class uint32, info *T) error {
+	_, err := windows.SetInformationJobObject(job, class, uintptr(unsafe.Pointer(info)), uint32(unsafe.Sizeof(*info)))
+	return err
+}
+
+func queryJobInfo[T any](job windows.Handle, class int32, info *T) error {
+	return windows.QueryInformationJobObject(job, class, uintptr(unsafe.Pointer(info)), uint32(unsafe.Sizeof(*info)), nil)
+}
+
+// resumeProcess resumes the threads of a process created suspended (its
+// one main thread).
+func resumeProcess(pid int) error {
+	snap, err := windows.CreateToolhelp32Snapshot(windows.TH32CS_SNAPTHREAD, 0)
+	if err != nil {
+		return fmt.Errorf("resume process %d: %w", pid, err)
+	}
+	defer windows.CloseHandle(snap)
+	entry := windows.ThreadEntry32{Size: uint32(unsafe.Sizeof(windows.ThreadEntry32{}))}
+	resumed := 0
+	for err = windows.Thread32First(snap, &entry); err == nil; err = windows.Thread32Next(snap, &entry) {
+		if entry.OwnerProcessID != uint32(pid) {
+			continue
+		}
+		th, err := windows.OpenThread(windows.THREAD_SUSPEND_RESUME, false, entry.ThreadID)
+		if err != nil {
+			return fmt.Errorf("resume process %d: thread %d: %w", pid, entry.ThreadID, err)
+		}
+		_, rerr := windows.ResumeThread(th)
+		windows.CloseHandle(th)
+		if rerr != nil {
+			return fmt.Errorf("resume process %d: thread %d: %w", pid, entry.ThreadID, rerr)
+		}
+		resumed++
+	}
+	if resumed == 0 {
+		return fmt.Errorf("resume process %d: no thread found", pid)
+	}
+	return nil
+}
+
+// terminate asks the process group to stop with CTRL_BREAK (console
+// programs); where that cannot be delivered, it kills at once.
+func (b *box) terminate() error {
+	if err := windows.GenerateConsoleCtrlEvent(windows.CTRL_BREAK_EVENT, uint32(b.pid)); err != nil {
+		return b.kill()
+	}
+	return nil
+}
+
+// kill terminates every process in the job; taskkill /F /T is the
+// fallback when the job cannot be terminated.
+func (b *box) kill() error {
+	err := windows.TerminateJobObject(b.job, killedExitCode)
+	if err == nil {
+		return nil
+	}
+	if out, terr := exec.Command("taskkill", "/F", "/T", "/PID", strconv.Itoa(b.pid)).CombinedOutput(); terr != nil {
+		return errors.Join(fmt.Errorf("terminate job: %w", err), fmt.Errorf("taskkill: %w: %s", terr, out))
+	}
+	return nil
+}
+
+func (b *box) waitEmpty(timeout time.Duration) error {
+	return poll(timeout, func() (bool, error) {
+		var acct jobBasicAccounting
+		if err := queryJobInfo(b.job, windows.JobObjectBasicAccountingInformation, &acct); err != nil {
+			return false, fmt.Errorf("job accounting: %w", err)
+		}
+		return acct.ActiveProcesses == 0, nil
+	})
+}
+
+func (b *box) limited() bool { return b.limits.jobMemory > 0 }
+
+// measure reads the job's accounting; hitting the memory limit is known
+// from the message the job posted to its completion port.
+func (b *box) measure(res *Result, _ *os.ProcessState) {
+	var acct jobBasicAccounting
+	if err := queryJobInfo(b.job, windows.JobObjectBasicAccountingInformation, &acct); err == nil {
+		res.CPUTime = time.Duration(acct.TotalUserTime+acct.TotalKernelTime) * 100
+	}
+	var ext windows.JOBOBJECT_EXTENDED_LIMIT_INFORMATION
+	if err := queryJobInfo(b.job, windows.JobObjectExtendedLimitInformation, &ext); err == nil {
+		res.PeakMemoryBytes = uint64(ext.PeakJobMemoryUsed)
+	}
+	for {
+		var msg uint32
+		var key uintptr
+		var ov *windows.Overlapped
+		if err := windows.GetQueuedCompletionStatus(b.port, &msg, &key, &ov, 0); err != nil {
+			break // WAIT_TIMEOUT: no more messages
+		}
+		if msg == jobMsgJobMemoryLimit || msg == jobMsgProcessMemoryLimit {
+			res.OOMKilled = true
+		}
+	}
+}
+
+// remove closes the handles; closing the job kills anything still in it.
+func (b *box) remove() error {
+	var errs []error
+	for _, h := range []windows.Handle{b.process, b.job, b.port} {
+		if h != 0 {
+			errs = append(errs, windows.CloseHandle(h))
+		}
+	}
+	b.process, b.job, b.port = 0, 0, 0
+	return errors.Join(errs...)
+}
+
+// waitExited blocks until the process has exited; os/exec's Wait, which
+// releases it, comes after the rest of the job was killed.
+func waitExited(p *os.Process) error {
+	h, err := windows.OpenProcess(windows.SYNCHRONIZE, false, uint32(p.Pid))
+	if err != nil {
+		return fmt.Errorf("open process %d: %w", p.Pid, err)
+	}
+	defer windows.CloseHandle(h)
+	if _, err := windows.WaitForSingleObject(h, windows.INFINITE); err != nil {
+		return fmt.Errorf("wait for process %d: %w", p.Pid, err)
+	}
+	return nil
+}
+
+func exitStatus(state *os.ProcessState) (code, signal int) {
+	return state.ExitCode(), 0
+}
+
+// instanceName names this agent process for its scratch dirs: pid and
+// creation time, which together never repeat on a host.
+func instanceName() (string, error) {
+	created, err := processCreation(windows.CurrentProcess())
+	if err != nil {
+		return "", err
+	}
+	return strconv.Itoa(os.Getpid()) + "-" + strconv.FormatInt(created, 10), nil
+}
+
+func processCreation(h windows.Handle) (int64, error) {
+	var created, exited, kernel, user windows.Filetime
+	if err := windows.GetProcessTimes(h, &created, &exited, &kernel, &user); err != nil {
+		return 0, fmt.Errorf("process times: %w", err)
+	}
+	return created.Nanoseconds(), nil
+}
+
+// instanceAlive says whether the agent that named itself instance still
+// runs. A name that is not an instance name counts as alive.
+func instanceAlive(instance string) bool {
+	pidText, createdText, ok := strings.Cut(instance, "-")
+	pid, err := strconv.ParseUint(pidText, 10, 32)
+	if !ok || err != nil {
+		return true
+	}
+	h, err := windows.OpenProcess(windows.PROCESS_QUERY_LIMITED_INFORMATION, false, uint32(pid))
+	if err != nil {
+		return !errors.Is(err, windows.ERROR_INVALID_PARAMETER) // no such process
+	}
+	defer windows.CloseHandle(h)
+	var code uint32
+	if err := windows.GetExitCodeProcess(h, &code); err == nil && code != stillActive {
+		return false
+	}
+	created, err := processCreation(h)
+	return err != nil || strconv.FormatInt(created, 10) == createdText
+}
