@@ -576,3 +576,17 @@ func TestV2AgentMovesIntoALeafOfItsCgroup(t *testing.T) {
 		t.Errorf("subtree_control of %s: %q %v", parent, ctl, err)
 	}
 }
+
+func TestV1RefusesAPathEnvWouldMisread(t *testing.T) {
+	if requireCgroup(t) != "v1" {
+		t.Skip("only the v1 start goes through env(1)")
+	}
+	dir := filepath.Join(t.TempDir(), "a=b")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, err := newSandbox(t, Config{}).Start(context.Background(), Spec{ID: "eq", Path: writeScript(t, dir, "true"), Args: []string{"/bin/false"}})
+	if !errors.Is(err, ErrInvalidSpec) {
+		t.Errorf("Start = %v, want ErrInvalidSpec", err)
+	}
+}

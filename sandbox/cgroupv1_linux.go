@@ -189,6 +189,10 @@ func v1Tools() (sh, env string, err error) {
 // prepare turns cmd into the gated trampoline; started moves the waiting
 // process into every hierarchy, then opens the gate.
 func (e *execCgroupV1) prepare(cmd *exec.Cmd) (func(int) error, func(), error) {
+	if strings.Contains(cmd.Path, "=") {
+		// env(1) would take it for a variable and run the first argument.
+		return nil, nil, fmt.Errorf("%w: handler path %q contains '=' (cgroup v1 starts it through env(1))", ErrInvalidSpec, cmd.Path)
+	}
 	gateR, gateW, err := os.Pipe()
 	if err != nil {
 		return nil, nil, fmt.Errorf("start gate: %w", err)

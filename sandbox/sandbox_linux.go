@@ -224,17 +224,22 @@ func (b *box) waitEmpty(timeout time.Duration) error {
 	if b.cgroup != nil {
 		return b.cgroup.waitEmpty(timeout)
 	}
-	deadline := time.Now().Add(timeout)
-	for pause := time.Millisecond; ; pause = min(2*pause, 50*time.Millisecond) {
-		left, err := liveGroupMembers(b.proc, b.pid)
-		if err != nil || len(left) == 0 {
-			return err
+	var left []int
+	err := poll(timeout, func() (bool, error) {
+		// The usual case, cheap: nothing at all is left in the group.
+		if errors.Is(unix.Kill(-b.pid, 0), unix.ESRCH) {
+			return true, nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("process group %d: processes %v still alive after %v", b.pid, left, timeout)
-		}
-		time.Sleep(pause)
+		// Zombies count for kill(2) until their new parent reaps them,
+		// which an init that does not reap never does: look closer.
+		var err error
+		left, err = liveGroupMembers(b.proc, b.pid)
+		return len(left) == 0, err
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("process group %d: processes %v still alive after %v", b.pid, left, timeout)
 	}
+	return err
 }
 
 // liveGroupMembers lists the processes of group pgid that are not zombies
