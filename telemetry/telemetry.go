@@ -130,11 +130,11 @@ func Setup(ctx context.Context, cfg Config) (tel *Telemetry, err error) {
 func newResource(ctx context.Context, cfg Config) (*resource.Resource, error) {
 	attrs := []resource.Option{resource.WithTelemetrySDK()}
 	agent := []attributeValue{
-		{semconv.ServiceName(ServiceName).Key, ServiceName},
-		{semconv.ServiceVersion("").Key, cfg.ServiceVersion},
-		{semconv.ServiceInstanceID("").Key, cfg.AgentID},
+		{semconv.ServiceNameKey, ServiceName},
+		{semconv.ServiceVersionKey, cfg.ServiceVersion},
+		{semconv.ServiceInstanceIDKey, cfg.AgentID},
 		{AttrAgentID, cfg.AgentID},
-		{semconv.HostName("").Key, cfg.HostName},
+		{semconv.HostNameKey, cfg.HostName},
 	}
 	for _, a := range agent {
 		if a.value != "" {
