@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -165,6 +166,87 @@ func TestTraceOfAsyncExecutionInJaeger(t *testing.T) {
 	}
 	if underExec == 0 {
 		t.Errorf("no Redis span under the execution span")
+	}
+
+	checkExecutionLogLines(t, a, id, "traced", traceID)
+}
+
+// checkExecutionLogLines checks that every agent log line about execution id
+// names its function and carries the execution's trace and a span id, so a
+// line leads to its trace and back.
+func checkExecutionLogLines(t *testing.T, a *agent, id, function, traceID string) {
+	t.Helper()
+	lines := 0
+	for _, line := range strings.Split(a.logs.String(), "\n") {
+		var fields map[string]any
+		if json.Unmarshal([]byte(line), &fields) != nil || fields[telemetry.LogExecutionID] != id {
+			continue
+		}
+		lines++
+		if fields[telemetry.LogFunction] != function || fields[telemetry.LogTraceID] != traceID || fields[telemetry.LogSpanID] == nil {
+			t.Errorf("log line about %s lacks function %s, trace_id %s or span_id: %s", id, function, traceID, line)
+		}
+	}
+	if lines == 0 {
+		t.Errorf("no log line names execution %s", id)
+	}
+}
+
+// TestTraceOfDeployInJaeger deploys with a traceparent and finds the deploy
+// span, with its attributes, under the DeployFunction server span.
+func TestTraceOfDeployInJaeger(t *testing.T) {
+	j := startJaeger(t)
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{YAML: telemetryYAML(j.OTLPGRPCAddr, false), Env: fastExport})
+	c := a.client(t)
+	install(t, c, fn{Name: "deployed", Script: "echo v1\n"}) // registers; the traced deploy below is the second
+
+	traceID, callerSpanID := randomHex(t, 16), randomHex(t, 8)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, "traceparent", "00-"+traceID+"-"+callerSpanID+"-01")
+	archive := zipOf(t, map[string]string{"handler.sh": "#!/bin/sh\necho v2\n", "data.txt": "two files"})
+	ack, err := c.DeployFunction(ctx, &fluxpb.DeploymentPackage{FunctionName: "deployed", CodeArchive: archive})
+	if err != nil || !ack.GetSuccess() {
+		t.Fatalf("deploy: %v %v", err, ack)
+	}
+
+	var traces []jaegerTrace
+	if !waitUntil(30*time.Second, func() bool {
+		traces = j.traces(t, traceID)
+		return len(traces) > 0 && slices.ContainsFunc(traces[0].Spans, func(s jaegerSpan) bool {
+			return s.OperationName == telemetry.SpanDeploy
+		})
+	}) {
+		t.Fatalf("no %s span in trace %s after 30s: %s", telemetry.SpanDeploy, traceID, describeTraces(traces))
+	}
+	var server, deploy jaegerSpan
+	for _, s := range traces[0].Spans {
+		switch s.OperationName {
+		case "flux.AgentService/DeployFunction":
+			server = s
+		case telemetry.SpanDeploy:
+			deploy = s
+		}
+	}
+	if server.SpanID == "" || server.parentOf() != callerSpanID {
+		t.Errorf("DeployFunction server span missing or not under the caller's span: %s", describeTraces(traces))
+	}
+	if deploy.parentOf() != server.SpanID {
+		t.Errorf("%s span's parent = %q, want the DeployFunction span %q", telemetry.SpanDeploy, deploy.parentOf(), server.SpanID)
+	}
+	wantTags := map[string]string{
+		string(telemetry.AttrFunction):    "deployed",
+		string(telemetry.AttrDeployBytes): strconv.Itoa(len(archive)),
+		string(telemetry.AttrDeployFiles): "2",
+	}
+	for key, want := range wantTags {
+		if got, ok := tagValue(deploy.Tags, key); got != want {
+			t.Errorf("deploy span %s = %q (present %v), want %q", key, got, ok, want)
+		}
+	}
+	if v, ok := tagValue(deploy.Tags, string(telemetry.AttrFunctionVersion)); !ok || v == "" {
+		t.Errorf("deploy span lacks %s", telemetry.AttrFunctionVersion)
 	}
 }
 
