@@ -21,7 +21,7 @@ import (
 )
 
 // resolvedLimits are an execution's limits with the config's defaults
-// applied.
+// applied; pids <= 0 is no pids limit.
 type resolvedLimits struct {
 	memory        *int64
 	cpuMillicores *int64

@@ -590,3 +590,16 @@ func TestV1RefusesAPathEnvWouldMisread(t *testing.T) {
 		t.Errorf("Start = %v, want ErrInvalidSpec", err)
 	}
 }
+
+func TestNoPidsLimit(t *testing.T) {
+	requireCgroup(t)
+	s := newSandbox(t, Config{PidsLimit: NoPidsLimit})
+	out := newOutputBuffer()
+	p := start(t, s, Spec{Path: writeScript(t, t.TempDir(), "echo ready; sleep 60"), Output: out})
+	defer func() { p.Cancel(); <-p.Done() }()
+	out.waitFor(t, "ready", 10*time.Second)
+	b, err := os.ReadFile(filepath.Join(execDir(t, p, "pids"), "pids.max"))
+	if err != nil || strings.TrimSpace(string(b)) != "max" {
+		t.Errorf("pids.max %q %v, want max", b, err)
+	}
+}

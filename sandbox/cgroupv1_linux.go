@@ -161,6 +161,9 @@ func (e *execCgroupV1) writeLimits() error {
 			return err
 		}
 	}
+	if e.limits.pids <= 0 {
+		return nil
+	}
 	return writeCgroupFile(e.dirs["pids"], "pids.max", strconv.FormatInt(e.limits.pids, 10))
 }
 

@@ -156,6 +156,9 @@ func (e *execCgroupV2) writeLimits() error {
 			return err
 		}
 	}
+	if e.limits.pids <= 0 {
+		return nil
+	}
 	return writeCgroupFile(e.dir, "pids.max", strconv.FormatInt(e.limits.pids, 10))
 }
 

@@ -25,11 +25,14 @@ type jobLimits struct {
 // left in the job dies when the agent closes it (KILL_ON_JOB_CLOSE), also
 // when the agent itself dies; a crash dialog never holds an execution.
 func newJobLimits(l Limits, pids int64, numCPU int) jobLimits {
-	j := jobLimits{flags: jobLimitKillOnJobClose | jobLimitDieOnUnhandledException | jobLimitActiveProcess}
+	j := jobLimits{flags: jobLimitKillOnJobClose | jobLimitDieOnUnhandledException}
 	if l.Pids != nil {
 		pids = *l.Pids
 	}
-	j.activeProcesses = uint32(min(pids, math.MaxUint32))
+	if pids > 0 {
+		j.flags |= jobLimitActiveProcess
+		j.activeProcesses = uint32(min(pids, math.MaxUint32))
+	}
 	if l.MemoryBytes != nil {
 		j.flags |= jobLimitJobMemory
 		j.jobMemory = uint64(*l.MemoryBytes)

@@ -22,6 +22,7 @@ func TestNewJobLimits(t *testing.T) {
 		{"200m of 1 CPU", Limits{CPUMillicores: ptr(200)}, 1024, 1, jobLimits{flags: base, activeProcesses: 1024, cpuRate: 2000}},
 		{"more than the machine", Limits{CPUMillicores: ptr(8000)}, 1024, 2, jobLimits{flags: base, activeProcesses: 1024, cpuRate: 10000}},
 		{"tiny share of many CPUs", Limits{CPUMillicores: ptr(10)}, 1024, 256, jobLimits{flags: base, activeProcesses: 1024, cpuRate: 1}},
+		{"no pids limit", Limits{}, NoPidsLimit, 1, jobLimits{flags: base &^ jobLimitActiveProcess}},
 		{"huge pids", Limits{Pids: ptr(1 << 40)}, 1024, 1, jobLimits{flags: base, activeProcesses: 1<<32 - 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -24,6 +24,8 @@ import (
 const (
 	// DefaultPidsLimit bounds the processes of one execution (fork bombs).
 	DefaultPidsLimit = 1024
+	// NoPidsLimit as Config.PidsLimit turns the pids limit off.
+	NoPidsLimit = -1
 	// DefaultKillGrace is how long a timed-out execution has between SIGTERM
 	// and the kill.
 	DefaultKillGrace = 2 * time.Second
@@ -144,7 +146,7 @@ type Config struct {
 	// them as the agent itself.
 	User string
 	// PidsLimit bounds the processes of one execution; 0 means
-	// DefaultPidsLimit.
+	// DefaultPidsLimit, NoPidsLimit none.
 	PidsLimit int64
 	// ScratchDir is the parent of the per-execution private TMPDIR; "" means
 	// os.TempDir().
@@ -194,8 +196,8 @@ func New(cfg Config) (*Sandbox, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if cfg.PidsLimit < 0 {
-		return nil, fmt.Errorf("pids limit %d: must not be negative", cfg.PidsLimit)
+	if cfg.PidsLimit < NoPidsLimit {
+		return nil, fmt.Errorf("pids limit %d: must be positive, 0 (the default) or NoPidsLimit", cfg.PidsLimit)
 	}
 	if cfg.PidsLimit == 0 {
 		cfg.PidsLimit = DefaultPidsLimit
@@ -383,8 +385,8 @@ func validateSpec(spec Spec) error {
 		return fmt.Errorf("%w: negative timeout", ErrInvalidSpec)
 	case spec.Limits.MemoryBytes != nil && *spec.Limits.MemoryBytes <= 0:
 		return fmt.Errorf("%w: memory limit %d must be positive", ErrInvalidSpec, *spec.Limits.MemoryBytes)
-	case spec.Limits.CPUMillicores != nil && *spec.Limits.CPUMillicores < minCPUMillicores:
-		return fmt.Errorf("%w: cpu limit %dm is below the minimum of %dm", ErrInvalidSpec, *spec.Limits.CPUMillicores, minCPUMillicores)
+	case spec.Limits.CPUMillicores != nil && *spec.Limits.CPUMillicores < MinCPUMillicores:
+		return fmt.Errorf("%w: cpu limit %dm is below the minimum of %dm", ErrInvalidSpec, *spec.Limits.CPUMillicores, MinCPUMillicores)
 	case spec.Limits.Pids != nil && *spec.Limits.Pids <= 0:
 		return fmt.Errorf("%w: pids limit %d must be positive", ErrInvalidSpec, *spec.Limits.Pids)
 	}
@@ -396,9 +398,9 @@ func validateSpec(spec Spec) error {
 	return nil
 }
 
-// minCPUMillicores is the smallest CFS quota the kernel takes (1 ms per
-// 100 ms period).
-const minCPUMillicores = 10
+// MinCPUMillicores is the smallest CPU limit: the smallest CFS quota the
+// kernel takes is 1 ms per 100 ms period. Start refuses less.
+const MinCPUMillicores = 10
 
 // executionEnv is exactly env plus the scratch dir as TMPDIR (and HOME when
 // env has none); an entry of env with those keys is replaced.
