@@ -31,7 +31,15 @@ fi
 
 # The kernel: the concrete image package the cloud meta package points at.
 mkdir -p "$cache"
-pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kernel_pkg() {
+	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+		awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+pkg=$(kernel_pkg)
+if [ -z "$pkg" ]; then
+	apt-get update -qq
+	pkg=$(kernel_pkg)
+fi
 if [ -z "$pkg" ]; then
 	echo "vmtest: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2
 	exit 1
