@@ -125,3 +125,24 @@ func TestObserveNodeSkipsFailedReads(t *testing.T) {
 		t.Errorf("node gauge reported after a failed read:\n%s", got)
 	}
 }
+
+// BenchmarkExecutionMetrics measures what one execution costs in metrics:
+// started, running up and down, finished.
+func BenchmarkExecutionMetrics(b *testing.B) {
+	b.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+	b.Setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+	tel, err := Setup(context.Background(), Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tel.Shutdown(context.Background())
+	ctx, m := context.Background(), tel.Metrics
+	outcome := ExecutionOutcome{Status: StatusSuccess, Duration: 20 * time.Millisecond, OutputBytes: 100}
+	b.ReportAllocs()
+	for b.Loop() {
+		m.ExecutionStarted(ctx, "hello", true)
+		m.RunningAdd(ctx, "hello", 1)
+		m.RunningAdd(ctx, "hello", -1)
+		m.ExecutionFinished(ctx, "hello", outcome)
+	}
+}

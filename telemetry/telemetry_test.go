@@ -328,3 +328,33 @@ func containsString(list []string, s string) bool {
 	}
 	return false
 }
+
+// BenchmarkSpanWithUnreachableCollector measures starting and ending a span
+// with attributes while every export fails: the cost an execution pays.
+func BenchmarkSpanWithUnreachableCollector(b *testing.B) {
+	for _, name := range otelEnv {
+		b.Setenv(name, "")
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	tel, err := Setup(context.Background(), Config{OTLPEndpoint: "http://" + addr})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		tel.Shutdown(ctx)
+	}()
+	tracer := tel.Tracer()
+	b.ReportAllocs()
+	for b.Loop() {
+		_, span := tracer.Start(context.Background(), SpanExecution)
+		span.SetAttributes(AttrFunction.String("hello"), AttrExecutionID.String("exc-1"), AttrAsync.Bool(true))
+		span.End()
+	}
+}
