@@ -422,3 +422,35 @@ func TestStaleScratchOfADeadAgentIsRemoved(t *testing.T) {
 		t.Errorf("a dir that is not an instance's was removed: %v", err)
 	}
 }
+
+func TestExecutionEnv(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		env  []string
+		want []string
+	}{
+		{"empty", nil, []string{"TMPDIR=/s", "HOME=/s"}},
+		{"keeps HOME", []string{"HOME=/home/fn", "A=1"}, []string{"HOME=/home/fn", "A=1", "TMPDIR=/s"}},
+		{"replaces TMPDIR", []string{"TMPDIR=/tmp", "B=2"}, []string{"B=2", "TMPDIR=/s", "HOME=/s"}},
+		{"tmpdir in another case is another key", []string{"tmpdir=x"}, []string{"tmpdir=x", "TMPDIR=/s", "HOME=/s"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if diff := cmp.Diff(tc.want, executionEnv(tc.env, "/s")); diff != "" {
+				t.Errorf("(-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestDirName(t *testing.T) {
+	for id, want := range map[string]string{
+		"abc-123_X":              "x7-abc-123_X",
+		"../../etc":              "x7-______etc",
+		"a/b c\x00d":             "x7-a_b_c_d",
+		strings.Repeat("z", 100): "x7-" + strings.Repeat("z", 64),
+	} {
+		if got := dirName(id, 7); got != want {
+			t.Errorf("dirName(%q) = %q, want %q", id, got, want)
+		}
+	}
+}
