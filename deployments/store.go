@@ -283,6 +283,11 @@ func (s *Store) recoverFunction(name string) (*function, error) {
 			continue
 		}
 		if strings.HasPrefix(entry, ".") {
+			for _, prefix := range []string{stagePrefix, trashPrefix} {
+				if seq, ok := parseVersion(strings.TrimPrefix(entry, prefix)); ok {
+					fn.lastSeq = max(fn.lastSeq, seq)
+				}
+			}
 			s.removeLogged(fnRoot, name, entry, "left by an interrupted deploy")
 			continue
 		}
@@ -559,7 +564,7 @@ func (s *Store) collect(name string, fn *function) {
 
 func (s *Store) removeLogged(fnRoot *os.Root, function, entry, why string) {
 	if err := fnRoot.RemoveAll(entry); err != nil {
-		s.log.Warn("cannot remove "+why+" version", "function", function, "entry", entry, "error", err)
+		s.log.Warn("cannot remove a version directory", "function", function, "entry", entry, "why", why, "error", err)
 	}
 }
 

@@ -49,3 +49,12 @@ func zipOf(tb testing.TB, members ...member) []byte {
 	}
 	return buf.Bytes()
 }
+
+func mustZipReader(tb testing.TB, archive []byte) *zip.Reader {
+	tb.Helper()
+	zr, err := zip.NewReader(bytes.NewReader(archive), int64(len(archive)))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return zr
+}
