@@ -504,6 +504,9 @@ func writePointer(fnRoot *os.Root, rec *record) error {
 	}
 	_, err = f.Write(append(raw, '\n'))
 	if err == nil {
+		err = f.Chmod(0o644) // past the umask, like everything else here
+	}
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
