@@ -316,7 +316,7 @@ func TestCrashedAgentsCgroupsAreRemoved(t *testing.T) {
 	requireCgroup(t)
 	s := newSandbox(t, Config{})
 	// A dead agent's instance, with a live process inside.
-	const stale = "999999999-1"
+	const stale = "999999999-1-1"
 	sleeper := exec.Command("/bin/sleep", "60")
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)
@@ -601,5 +601,54 @@ func TestNoPidsLimit(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(execDir(t, p, "pids"), "pids.max"))
 	if err != nil || strings.TrimSpace(string(b)) != "max" {
 		t.Errorf("pids.max %q %v, want max", b, err)
+	}
+}
+
+func TestV2PeakIsSampledWithoutMemoryPeak(t *testing.T) {
+	requireCgroupV2(t)
+	s := newSandbox(t, Config{})
+	s.host.cgroups.(*cgroupV2).samplePeak = true // as on kernels before 5.19
+	spec := testChild(t, "alloc-hold", "32")
+	out := newOutputBuffer()
+	spec.Output = out
+	p := start(t, s, spec)
+	out.waitFor(t, "allocated 32", 30*time.Second)
+	sampler := p.box.cgroup.(*execCgroupV2).sampler
+	if err := poll(10*time.Second, func() (bool, error) { return sampler.peak.Load() >= 32<<20, nil }); err != nil {
+		t.Fatalf("sampled peak %d: %v", sampler.peak.Load(), err)
+	}
+	p.Cancel()
+	if res := waitDone(t, p, 5*time.Second); res.PeakMemoryBytes < 32<<20 {
+		t.Errorf("peak %d, want at least 32 MiB", res.PeakMemoryBytes)
+	}
+}
+
+func TestV2FreezeKillWithoutCgroupKill(t *testing.T) {
+	requireCgroupV2(t)
+	s := newSandbox(t, Config{})
+	out := newOutputBuffer()
+	p := start(t, s, Spec{Path: writeScript(t, t.TempDir(), `setsid sh -c 'echo "escapee $$"; while :; do sleep 1 & wait; done' &
+echo ready
+while :; do sleep 1 & wait; done`), Output: out})
+	out.waitFor(t, "ready", 10*time.Second)
+	out.waitFor(t, "escapee", 10*time.Second)
+	dir := execDir(t, p, "")
+	if err := freezeKillV2(dir); err != nil {
+		entries, lerr := os.ReadDir(dir)
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		res := waitDone(t, p, 5*time.Second)
+		t.Fatalf("%v (dir holds %v %v; output %q; result %+v)", err, names, lerr, out.String(), res)
+	}
+	res := waitDone(t, p, 5*time.Second)
+	if res.ExitCode != 137 {
+		t.Errorf("result %+v, want killed", res)
+	}
+	line := out.String()[strings.Index(out.String(), "escapee "):]
+	pid, _ := strconv.Atoi(strings.Fields(strings.TrimPrefix(line, "escapee "))[0])
+	if pid == 0 || !processGone(pid) {
+		t.Errorf("escapee %d survived the freeze-kill", pid)
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +30,8 @@ const agentLeaf = "agent"
 type cgroupV2 struct {
 	log      *slog.Logger
 	instance string
+	// samplePeak is set on kernels before 5.19, which have no memory.peak.
+	samplePeak bool
 }
 
 func openCgroupV2(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV2, error) {
@@ -46,6 +50,8 @@ func openCgroupV2(layout cgroupLayout, root, instance string, log *slog.Logger) 
 	if err := enableControllers(c.instance); err != nil {
 		return nil, errors.Join(err, rmdirCgroup(c.instance, emptyTimeout))
 	}
+	_, err = os.Stat(filepath.Join(c.instance, "memory.peak"))
+	c.samplePeak = err != nil
 	return c, nil
 }
 
@@ -126,12 +132,16 @@ func (c *cgroupV2) create(name string, limits resolvedLimits) (execCgroup, error
 	if err := e.writeLimits(); err != nil {
 		return nil, errors.Join(fmt.Errorf("cgroup limits: %w", err), rmdirCgroup(e.dir, emptyTimeout))
 	}
+	if c.samplePeak {
+		e.sampler = startPeakSampler(e.dir)
+	}
 	return e, nil
 }
 
 type execCgroupV2 struct {
-	dir    string
-	limits resolvedLimits
+	dir     string
+	limits  resolvedLimits
+	sampler *peakSampler // nil when the kernel keeps memory.peak
 }
 
 func (e *execCgroupV2) writeLimits() error {
@@ -188,6 +198,12 @@ func killTreeV2(dir string) error {
 	if _, serr := os.Stat(dir); serr != nil {
 		return nil // the cgroup itself is gone
 	}
+	return freezeKillV2(dir)
+}
+
+// freezeKillV2 is the kill for kernels without cgroup.kill: frozen, no
+// process can fork while each is killed.
+func freezeKillV2(dir string) error {
 	if err := writeCgroupFile(dir, "cgroup.freeze", "1"); err != nil {
 		return err
 	}
@@ -202,7 +218,11 @@ func killTreeV2(dir string) error {
 		}
 		return nil
 	})
-	errs = append(errs, writeCgroupFile(dir, "cgroup.freeze", "0"))
+	// SIGKILL gets through the v2 freezer, so the cgroup may already be
+	// empty and removed by now.
+	if err := writeCgroupFile(dir, "cgroup.freeze", "0"); !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
 	if err := errors.Join(errs...); err != nil {
 		return errors.Join(err, frozenErr)
 	}
@@ -217,7 +237,9 @@ func (e *execCgroupV2) waitEmpty(timeout time.Duration) error {
 }
 
 func (e *execCgroupV2) measure(res *Result) {
-	if v, err := readUint(e.dir, "memory.peak"); err == nil {
+	if e.sampler != nil {
+		res.PeakMemoryBytes = e.sampler.close()
+	} else if v, err := readUint(e.dir, "memory.peak"); err == nil {
 		res.PeakMemoryBytes = v
 	}
 	if ev, err := readFlatKeyed(e.dir, "memory.events"); err == nil {
@@ -228,4 +250,53 @@ func (e *execCgroupV2) measure(res *Result) {
 	}
 }
 
-func (e *execCgroupV2) remove() error { return rmdirCgroup(e.dir, emptyTimeout) }
+func (e *execCgroupV2) remove() error {
+	if e.sampler != nil {
+		e.sampler.close()
+	}
+	return rmdirCgroup(e.dir, emptyTimeout)
+}
+
+// peakSampleInterval is how often memory.current is read where the kernel
+// keeps no peak; a spike shorter than this can be missed.
+const peakSampleInterval = 20 * time.Millisecond
+
+// peakSampler follows a cgroup's memory.current and keeps the highest
+// value seen.
+type peakSampler struct {
+	stop, done chan struct{}
+	once       sync.Once
+	peak       atomic.Uint64
+}
+
+func startPeakSampler(dir string) *peakSampler {
+	s := &peakSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		tick := time.NewTicker(peakSampleInterval)
+		defer tick.Stop()
+		for {
+			if v, err := readUint(dir, "memory.current"); err == nil {
+				s.observe(v)
+			}
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return s
+}
+
+func (s *peakSampler) observe(v uint64) {
+	for cur := s.peak.Load(); v > cur && !s.peak.CompareAndSwap(cur, v); cur = s.peak.Load() {
+	}
+}
+
+// close stops the sampling, waits for it, and returns the peak seen.
+func (s *peakSampler) close() uint64 {
+	s.once.Do(func() { close(s.stop) })
+	<-s.done
+	return s.peak.Load()
+}

@@ -44,6 +44,14 @@ func runTestChild(mode string, args []string) int {
 		}
 		fmt.Println("allocated", mib)
 		return 0
+	case "alloc-hold": // alloc-hold MiB: touch that much memory, report, keep it
+		mib, _ := strconv.Atoi(args[0])
+		mem := make([]byte, mib<<20)
+		for i := 0; i < len(mem); i += 4096 {
+			mem[i] = 1
+		}
+		fmt.Println("allocated", mib)
+		select {} // until killed; mem stays live below
 	case "env": // print the environment sorted, then check TMPDIR is usable
 		env := os.Environ()
 		slices.Sort(env)

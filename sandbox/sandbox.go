@@ -205,7 +205,7 @@ func New(cfg Config) (*Sandbox, error) {
 	if cfg.ScratchDir == "" {
 		cfg.ScratchDir = os.TempDir()
 	}
-	instance, err := instanceName()
+	instance, err := newInstanceName()
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
@@ -597,6 +597,34 @@ func derefOr(p *int64, def int64) int64 {
 		return def
 	}
 	return *p
+}
+
+// sandboxCount numbers the Sandboxes of this process, so that several (in
+// tests) never share an instance name.
+var sandboxCount atomic.Uint64
+
+// newInstanceName names one Sandbox, for its cgroups and scratch dirs:
+// the process's identity and a count.
+func newInstanceName() (string, error) {
+	id, err := processIdentity()
+	if err != nil {
+		return "", err
+	}
+	return id + "-" + strconv.FormatUint(sandboxCount.Add(1), 10), nil
+}
+
+// instanceAlive says whether the Sandbox that named itself instance may
+// still run: its process does. A name that is not an instance name counts
+// as alive: it is not ours to remove.
+func instanceAlive(instance string) bool {
+	i := strings.LastIndexByte(instance, '-')
+	if i < 0 {
+		return true
+	}
+	if _, err := strconv.ParseUint(instance[i+1:], 10, 64); err != nil {
+		return true
+	}
+	return processAlive(instance[:i])
 }
 
 const scratchPrefix = "flux-sandbox-"

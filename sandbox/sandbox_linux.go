@@ -313,18 +313,18 @@ func ignoreESRCH(err error) error {
 	return err
 }
 
-// instanceName names this agent process for its cgroups and scratch dirs:
-// pid and start time, which together never repeat on a host, so a
-// restarted agent can tell a crashed agent's leftovers from a live one's.
-func instanceName() (string, error) {
+// processIdentity names this process: pid and start time, which together
+// never repeat on a host, so a restarted agent can tell a crashed agent's
+// leftovers from a live one's.
+func processIdentity() (string, error) {
 	fs, err := procfs.NewFS("/proc")
 	if err != nil {
 		return "", fmt.Errorf("procfs: %w", err)
 	}
-	return instanceNameOf(fs, os.Getpid())
+	return processIdentityOf(fs, os.Getpid())
 }
 
-func instanceNameOf(fs procfs.FS, pid int) (string, error) {
+func processIdentityOf(fs procfs.FS, pid int) (string, error) {
 	p, err := fs.Proc(pid)
 	if err != nil {
 		return "", fmt.Errorf("process %d: %w", pid, err)
@@ -336,22 +336,21 @@ func instanceNameOf(fs procfs.FS, pid int) (string, error) {
 	return strconv.Itoa(pid) + "-" + strconv.FormatUint(st.Starttime, 10), nil
 }
 
-// instanceAlive says whether the agent that named itself instance still
-// runs. A name that is not an instance name counts as alive: it is not ours
-// to remove.
-func instanceAlive(instance string) bool {
-	pidText, _, ok := strings.Cut(instance, "-")
+// processAlive says whether the process named identity still runs. A
+// malformed identity counts as alive: what it names is not ours to remove.
+func processAlive(identity string) bool {
+	pidText, startText, ok := strings.Cut(identity, "-")
 	pid, err := strconv.Atoi(pidText)
-	if !ok || err != nil || pid <= 0 {
+	if _, serr := strconv.ParseUint(startText, 10, 64); !ok || err != nil || serr != nil || pid <= 0 {
 		return true
 	}
 	fs, err := procfs.NewFS("/proc")
 	if err != nil {
 		return true
 	}
-	name, err := instanceNameOf(fs, pid)
+	name, err := processIdentityOf(fs, pid)
 	if err != nil {
 		return !errors.Is(err, os.ErrNotExist)
 	}
-	return name == instance
+	return name == identity
 }

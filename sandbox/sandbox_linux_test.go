@@ -406,7 +406,7 @@ func (w failingWriter) Write([]byte) (int, error) { return 0, w.err }
 
 func TestStaleScratchOfADeadAgentIsRemoved(t *testing.T) {
 	parent := t.TempDir()
-	stale := filepath.Join(parent, scratchPrefix+"999999999-1")
+	stale := filepath.Join(parent, scratchPrefix+"999999999-1-1")
 	if err := os.MkdirAll(filepath.Join(stale, "x1-old"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -453,4 +453,54 @@ func TestDirName(t *testing.T) {
 			t.Errorf("dirName(%q) = %q, want %q", id, got, want)
 		}
 	}
+}
+
+func TestInstanceAlive(t *testing.T) {
+	self, err := processIdentity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]bool{
+		self + "-3":         true,  // this process
+		self + "1-3":        false, // same pid, another start time
+		"999999999-1-1":     false, // no such process
+		"not-an-instance":   true,  // not ours
+		"agent":             true,
+		self:                true, // no count: not an instance name
+		"12-x-3":            true,
+		self + "-notnumber": true,
+	} {
+		if got := instanceAlive(name); got != want {
+			t.Errorf("instanceAlive(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
+
+func TestTwoSandboxesInOneProcessDoNotInterfere(t *testing.T) {
+	forEachContainment(t, func(t *testing.T, cfg Config) {
+		scratch := t.TempDir()
+		cfg.ScratchDir = scratch
+		a := newSandbox(t, cfg)
+		b, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := newOutputBuffer()
+		p := start(t, a, Spec{Path: writeScript(t, t.TempDir(), "echo ready; sleep 60"), Output: out})
+		out.waitFor(t, "ready", 10*time.Second)
+		q := start(t, b, Spec{Path: writeScript(t, t.TempDir(), "exit 0")})
+		waitDone(t, q, 10*time.Second)
+		if err := b.Close(); err != nil {
+			t.Errorf("closing the second sandbox: %v", err)
+		}
+		select {
+		case <-p.Done():
+			t.Fatalf("closing one sandbox ended the other's execution: %+v", p.Result())
+		default:
+		}
+		p.Cancel()
+		if res := waitDone(t, p, 5*time.Second); !res.Cancelled {
+			t.Errorf("result %+v", res)
+		}
+	})
 }

@@ -41,5 +41,5 @@ func (b *box) measure(*Result, *os.ProcessState)        {}
 func (b *box) remove() error                            { return nil }
 func waitExited(*os.Process) error                      { return errors.ErrUnsupported }
 func exitStatus(state *os.ProcessState) (code, sig int) { return state.ExitCode(), 0 }
-func instanceName() (string, error)                     { return strconv.Itoa(os.Getpid()), nil }
-func instanceAlive(string) bool                         { return true }
+func processIdentity() (string, error)                  { return strconv.Itoa(os.Getpid()), nil }
+func processAlive(string) bool                          { return true }

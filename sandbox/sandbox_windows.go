@@ -278,9 +278,9 @@ func exitStatus(state *os.ProcessState) (code, signal int) {
 	return state.ExitCode(), 0
 }
 
-// instanceName names this agent process for its scratch dirs: pid and
-// creation time, which together never repeat on a host.
-func instanceName() (string, error) {
+// processIdentity names this process: pid and creation time, which
+// together never repeat on a host.
+func processIdentity() (string, error) {
 	created, err := processCreation(windows.CurrentProcess())
 	if err != nil {
 		return "", err
@@ -296,12 +296,12 @@ func processCreation(h windows.Handle) (int64, error) {
 	return created.Nanoseconds(), nil
 }
 
-// instanceAlive says whether the agent that named itself instance still
-// runs. A name that is not an instance name counts as alive.
-func instanceAlive(instance string) bool {
-	pidText, createdText, ok := strings.Cut(instance, "-")
+// processAlive says whether the process named identity still runs. A
+// malformed identity counts as alive.
+func processAlive(identity string) bool {
+	pidText, createdText, ok := strings.Cut(identity, "-")
 	pid, err := strconv.ParseUint(pidText, 10, 32)
-	if !ok || err != nil {
+	if _, cerr := strconv.ParseInt(createdText, 10, 64); !ok || err != nil || cerr != nil {
 		return true
 	}
 	h, err := windows.OpenProcess(windows.PROCESS_QUERY_LIMITED_INFORMATION, false, uint32(pid))

@@ -17,6 +17,7 @@ set -eu
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${VMTEST_CACHE:-/var/cache/flux-agent-vmtest}
 run=${VMTEST_RUN:-.}
+count=${VMTEST_COUNT:-1}
 timeout_s=${VMTEST_TIMEOUT:-900}
 
 need=""
@@ -96,7 +97,7 @@ mkdir /sys/fs/cgroup/flux-agent.service
 echo "vmtest: kernel \$(uname -r)"
 cd /test
 # The test process (not this init) goes into the service's cgroup.
-FLUX_SANDBOX_TEST_REQUIRE=root,v2,runner sh -c 'echo \$\$ > /sys/fs/cgroup/flux-agent.service/cgroup.procs && exec ./sandbox.test -test.v -test.count=1 -test.timeout=600s -test.run "\$0"' '$run'
+FLUX_SANDBOX_TEST_REQUIRE=root,v2,runner sh -c 'echo \$\$ > /sys/fs/cgroup/flux-agent.service/cgroup.procs && exec ./sandbox.test -test.v -test.count='$count' -test.timeout=600s -test.run "\$0"' '$run'
 echo "VMTEST-RESULT: \$?"
 poweroff -f
 EOF
