@@ -22,6 +22,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/sethvargo/go-envconfig"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
 // Defaults, written once here; example.agent.yaml and --help show them.
@@ -41,7 +43,6 @@ const (
 	DefaultMaxDeployFile = 20000
 	DefaultMaxDeployRate = 200
 	DefaultKeepVersions  = 2
-	DefaultMetricsAddr   = "127.0.0.1:9464"
 	DefaultLogFormat     = "json"
 	DefaultLogLevel      = "info"
 	envPrefix            = "FLUX_AGENT_"
@@ -146,7 +147,7 @@ func DefaultConfig() Config {
 			MaxRatio:     DefaultMaxDeployRate,
 			KeepVersions: DefaultKeepVersions,
 		},
-		Telemetry: TelemetryConfig{MetricsAddress: DefaultMetricsAddr},
+		Telemetry: TelemetryConfig{MetricsAddress: telemetry.DefaultMetricsAddress},
 		Log:       LogConfig{Format: DefaultLogFormat, Level: DefaultLogLevel},
 	}
 }
@@ -432,9 +433,17 @@ func (c *Config) RedisOptions() (*redis.UniversalOptions, error) {
 // required client certificate signed by the CA, TLS 1.2+, ALPN h2 (set by
 // grpc's credentials).
 func (c *Config) TLSServerConfig() (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(c.TLS.CertFile, c.TLS.KeyFile)
+	certPEM, err := os.ReadFile(c.TLS.CertFile)
 	if err != nil {
-		return nil, fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
+		return nil, fmt.Errorf("tls.cert_file: %w", err)
+	}
+	keyPEM, err := os.ReadFile(c.TLS.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("tls.key_file: %w", err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("tls.cert_file %s with tls.key_file %s: %w", c.TLS.CertFile, c.TLS.KeyFile, err)
 	}
 	caPEM, err := os.ReadFile(c.TLS.CACert)
 	if err != nil {

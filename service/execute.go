@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
@@ -129,10 +128,10 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 		Async:        e.async,
 		Queued:       queued,
 	}
-	ctx, span := s.tracer.Start(ctx, "flux.execution", trace.WithAttributes(
-		attribute.String("flux.function", fn.GetName()),
-		attribute.String("flux.execution_id", e.id),
-		attribute.Bool("flux.async", e.async),
+	ctx, span := s.tracer.Start(ctx, telemetry.SpanExecution, trace.WithAttributes(
+		telemetry.AttrFunction.String(fn.GetName()),
+		telemetry.AttrExecutionID.String(e.id),
+		telemetry.AttrAsync.Bool(e.async),
 	))
 	if sc := span.SpanContext(); sc.HasTraceID() {
 		e.rec.TraceID = sc.TraceID().String()
@@ -243,7 +242,7 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 			e.mu.Unlock()
 			e.rec.Queued = false
 			e.rec.QueuedMS = time.Since(e.rec.StartedAt).Milliseconds()
-			span.SetAttributes(attribute.Int64("flux.queued_ms", e.rec.QueuedMS))
+			span.SetAttributes(telemetry.AttrQueuedMS.Int64(e.rec.QueuedMS))
 			if err := s.state.updateRecord(ctx, &e.rec); err != nil {
 				s.metrics.RedisError(ctx, "update_record")
 				e.logger.WarnContext(ctx, "record not updated", "error", err)
@@ -278,7 +277,8 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 		sink: sink, state: s.state, id: e.id, logger: e.logger,
 		onErr: func(ctx context.Context) { s.metrics.RedisError(ctx, "append_output") },
 	})
-	proc, err := s.opts.Sandbox.Start(ctx, sandbox.Spec{
+	startCtx, startSpan := s.tracer.Start(ctx, telemetry.SpanSandboxStart)
+	proc, err := s.opts.Sandbox.Start(startCtx, sandbox.Spec{
 		ID:        e.id,
 		Path:      path,
 		Args:      e.args,
@@ -290,10 +290,15 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 		Output:    sink,
 	})
 	if err != nil {
+		startSpan.SetStatus(codes.Error, err.Error())
+		startSpan.End()
 		flusher.stop()
 		s.finish(ctx, span, e, nil, sink.stats(), fmt.Errorf("start: %w", err))
 		return
 	}
+	startSpan.SetAttributes(telemetry.AttrPID.Int(proc.Pid()))
+	startSpan.End()
+	_, waitSpan := s.tracer.Start(ctx, telemetry.SpanSandboxWait)
 	e.mu.Lock()
 	e.proc = proc
 	if e.cancelled {
@@ -304,6 +309,9 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 
 	<-proc.Done()
 	res := proc.Result()
+	waitSpan.SetAttributes(telemetry.AttrExitCode.Int(res.ExitCode), telemetry.AttrOOMKilled.Bool(res.OOMKilled),
+		telemetry.AttrTimedOut.Bool(res.TimedOut), telemetry.AttrCancelled.Bool(res.Cancelled))
+	waitSpan.End()
 	flusher.stop()
 	s.finish(ctx, span, e, &res, sink.stats(), nil, sink.take()...)
 }
@@ -347,15 +355,17 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 	}
 
 	span.SetAttributes(
-		attribute.String("flux.status", rec.Status),
-		attribute.Int64("flux.output_bytes", rec.OutputBytes),
-		attribute.Bool("flux.output_truncated", rec.OutputTruncated),
-		attribute.Bool("flux.oom_killed", rec.OOMKilled),
-		attribute.Int64("flux.peak_memory_bytes", int64(rec.PeakMemoryBytes)),
-		attribute.Int64("flux.cpu_time_ms", rec.CPUTimeMS),
+		telemetry.AttrStatus.String(rec.Status),
+		telemetry.AttrOutputBytes.Int64(rec.OutputBytes),
+		telemetry.AttrOutputTruncated.Bool(rec.OutputTruncated),
+		telemetry.AttrOOMKilled.Bool(rec.OOMKilled),
+		telemetry.AttrTimedOut.Bool(rec.TimedOut),
+		telemetry.AttrCancelled.Bool(rec.Status == StatusCancelled),
+		telemetry.AttrPeakMemoryBytes.Int64(int64(rec.PeakMemoryBytes)),
+		telemetry.AttrCPUTimeMS.Int64(rec.CPUTimeMS),
 	)
 	if rec.ExitCode != nil {
-		span.SetAttributes(attribute.Int("flux.exit_code", *rec.ExitCode))
+		span.SetAttributes(telemetry.AttrExitCode.Int(*rec.ExitCode))
 	}
 	if rec.Status != StatusSuccess {
 		span.SetStatus(codes.Error, rec.Error)

@@ -13,9 +13,10 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
-	"google.golang.org/grpc/codes"
+	grpccodes "google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/serverless-fabric/flux-agent/nodeinfo"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 	"github.com/serverless-fabric/flux-agent/sandbox"
+	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
 // healthCheckTimeout bounds the Redis ping behind HealthCheck, well inside
@@ -190,12 +192,17 @@ func (s *Service) DeployFunction(ctx context.Context, pkg *fluxpb.DeploymentPack
 		return &fluxpb.DeploymentAck{Message: err.Error()}, nil
 	}
 	start := time.Now()
+	ctx, span := s.tracer.Start(ctx, telemetry.SpanDeploy, trace.WithAttributes(
+		telemetry.AttrFunction.String(name), telemetry.AttrDeployBytes.Int(len(pkg.GetCodeArchive()))))
+	defer span.End()
 	d, err := s.opts.Deployments.Deploy(ctx, name, fn.GetHandler(), pkg.GetCodeArchive())
 	s.metrics.Deployed(ctx, name, int64(len(pkg.GetCodeArchive())), err)
 	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
 		s.logger.WarnContext(ctx, "deploy refused", "function", name, "archive_bytes", len(pkg.GetCodeArchive()), "error", err)
 		return &fluxpb.DeploymentAck{Message: "deploy of " + name + " failed: " + err.Error()}, nil
 	}
+	span.SetAttributes(telemetry.AttrFunctionVersion.String(d.Version), telemetry.AttrDeployFiles.Int(d.Files))
 	msg := fmt.Sprintf("function %s deployed as version %s (%d files, %d bytes)", name, d.Version, d.Files, d.Bytes)
 	if d.Unchanged {
 		msg = fmt.Sprintf("function %s already at version %s (same archive)", name, d.Version)
@@ -289,12 +296,12 @@ func (s *Service) Shutdown(ctx context.Context) error {
 func toStatus(err error) error {
 	switch {
 	case errors.Is(err, ErrInvalidRequest), errors.Is(err, deployments.ErrInvalidName):
-		return status.Error(codes.InvalidArgument, err.Error())
+		return status.Error(grpccodes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrDuplicateExecution):
-		return status.Error(codes.AlreadyExists, err.Error())
+		return status.Error(grpccodes.AlreadyExists, err.Error())
 	case errors.Is(err, ErrShuttingDown):
-		return status.Error(codes.Unavailable, err.Error())
+		return status.Error(grpccodes.Unavailable, err.Error())
 	default:
-		return status.Error(codes.Internal, err.Error())
+		return status.Error(grpccodes.Internal, err.Error())
 	}
 }
