@@ -1,0 +1,98 @@
+package service
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+// golden compares got with testdata/name, or rewrites it with -update.
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+		t.Errorf("%s (-want +got):\n%s", name, diff)
+	}
+}
+
+func TestRecordJSON(t *testing.T) {
+	started := time.Date(2026, 11, 28, 9, 30, 0, 123456789, time.UTC)
+	ended := started.Add(1500 * time.Millisecond)
+	exit0, exit137 := 0, 137
+	tests := []struct {
+		name   string
+		rec    Record
+		output string
+	}{
+		{"running.json", Record{
+			ExecutionID: "exc-3b241101-e2bb-4255-8caf-4136c566a962", AgentID: "agent-7f3a", FunctionName: "resize",
+			Status: StatusRunning, StartedAt: started, Async: true,
+		}, "first line\n"},
+		{"queued.json", Record{
+			ExecutionID: "exc-1", AgentID: "agent-7f3a", FunctionName: "resize",
+			Status: StatusRunning, StartedAt: started, Async: true, Queued: true,
+		}, ""},
+		{"success.json", Record{
+			ExecutionID: "exc-2", AgentID: "agent-7f3a", FunctionName: "resize", Status: StatusSuccess,
+			DurationMS: 1500, StartedAt: started, StatusAt: &ended, ExitCode: &exit0, PeakMemoryBytes: 48234496,
+			CPUTimeMS: 320, OutputBytes: 12, CodeVersion: "000003-5f2c9a1b7e40", TraceID: "4bf92f3577b34da6a3ce929d0e0e4736",
+			QueuedMS: 250,
+		}, "hello \"json\"\n"},
+		{"oom.json", Record{
+			ExecutionID: "exc-3", AgentID: "agent-7f3a", FunctionName: "hog", Status: StatusFailed,
+			Error: "out of memory: exceeded the 64 MiB limit", DurationMS: 812, StartedAt: started, StatusAt: &ended,
+			ExitCode: &exit137, Signal: 9, OOMKilled: true, PeakMemoryBytes: 67112960, OutputBytes: 20 << 20,
+			OutputTruncated: true,
+		}, "\xff not utf-8"},
+		{"cancelled-before-start.json", Record{
+			ExecutionID: "exc-4", AgentID: "agent-7f3a", FunctionName: "resize", Status: StatusCancelled,
+			Error: "cancelled by request", StartedAt: started, StatusAt: &ended, Async: true,
+		}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := tt.rec.marshalWithOutput([]byte(tt.output))
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, tt.name, append(got, '\n'))
+			// What Flux reads: the contract's keys with their types.
+			var m map[string]any
+			if err := json.Unmarshal(got, &m); err != nil {
+				t.Fatal(err)
+			}
+			for _, k := range []string{"execution_id", "agent_id", "function_name", "status", "started_at"} {
+				if _, ok := m[k].(string); !ok {
+					t.Errorf("%s missing or not a string: %v", k, m[k])
+				}
+			}
+			if _, err := time.Parse(time.RFC3339, m["started_at"].(string)); err != nil {
+				t.Errorf("started_at is not RFC 3339: %v", err)
+			}
+			if _, has := m["status_at"]; has != tt.rec.Final() {
+				t.Errorf("status_at present = %v, want %v (omitted while running)", has, tt.rec.Final())
+			}
+			for _, k := range []string{"output", "error", "duration_ms"} {
+				if v, has := m[k]; has && (v == "" || v == float64(0)) {
+					t.Errorf("%s present but empty; the contract omits it", k)
+				}
+			}
+		})
+	}
+}
