@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"debug/buildinfo"
 	"debug/elf"
@@ -100,6 +101,12 @@ func TestDebPackage(t *testing.T) {
 	}
 
 	deb := debs[runtime.GOARCH]
+	// Flux writes agent.yaml and the TLS files into its SSH user's home,
+	// e.g. /home/admin/flux-agent/; a temp dir stands in for it.
+	bootstrapConfig := filepath.Join(t.TempDir(), "flux-agent", "agent.yaml")
+	if err := os.MkdirAll(filepath.Dir(bootstrapConfig), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	restoreRunner := saveRunnerUser(t)
 	t.Cleanup(restoreRunner)
 	purgeLeftover(t)
@@ -111,11 +118,12 @@ func TestDebPackage(t *testing.T) {
 	}{
 		{"install", func(t *testing.T) { mustRun(t, "dpkg", "-i", deb); checkInstalled(t) }},
 		{"unit", checkUnit},
-		{"bootstrap", simulateBootstrap},
+		{"bootstrap", func(t *testing.T) { simulateBootstrap(t, bootstrapConfig) }},
 		{"reinstall", func(t *testing.T) { checkReinstall(t, deb) }},
+		{"systemd-calls", func(t *testing.T) { checkSystemdCalls(t, rel) }},
 		{"run-agent", func(t *testing.T) { runInstalledAgent(t, rel) }},
 		{"remove", checkRemove},
-		{"purge", checkPurge},
+		{"purge", func(t *testing.T) { checkPurge(t, bootstrapConfig) }},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) {
@@ -132,6 +140,12 @@ func buildRelease(t *testing.T, root string) release {
 		start := time.Now()
 		cmd := exec.Command("go", "tool", "-modfile=tools/go.mod", "goreleaser", "release", "--snapshot", "--clean")
 		cmd.Dir = root
+		if strings.TrimSpace(mustRunIn(t, root, "git", "remote")) == "" {
+			// GoReleaser reads the remote's URL and, in a clone without
+			// one, reports the commit as "none"; give it this repo.
+			cmd.Env = append(os.Environ(), "GIT_CONFIG_COUNT=1",
+				"GIT_CONFIG_KEY_0=remote.origin.url", "GIT_CONFIG_VALUE_0="+root)
+		}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			t.Fatalf("goreleaser: %v\n%s", err, out)
@@ -153,6 +167,12 @@ func buildRelease(t *testing.T, root string) release {
 	}
 	if rel.version == "" || rel.commit == "" {
 		t.Fatalf("metadata.json has no version or commit: %+v", meta)
+	}
+	if os.Getenv("FLUX_AGENT_DIST") == "" {
+		// A real commit of this repo, not GoReleaser's "none".
+		if err := exec.Command("git", "-C", root, "cat-file", "-e", rel.commit+"^{commit}").Run(); err != nil {
+			t.Fatalf("release commit %q is not a commit of this repo: %v", rel.commit, err)
+		}
 	}
 	return rel
 }
@@ -476,13 +496,14 @@ func checkUnit(t *testing.T) {
 		"Service.StateDirectory":         {"flux-agent"},
 		"Service.StateDirectoryMode":     {"0711"},
 		"Service.PrivateTmp":             {"yes"},
-		"Service.ProtectControlGroups":   nil, // would make /sys/fs/cgroup read-only
-		"Service.ProtectKernelTunables":  nil, // so would this, with all of /sys
-		"Service.RestrictNamespaces":     nil, // clone3 → ENOSYS: no CLONE_INTO_CGROUP
-		"Service.SystemCallFilter":       nil, // functions inherit it
-		"Service.MemoryDenyWriteExecute": nil, // breaks JIT runtimes in functions
-		"Service.UMask":                  nil, // function code must stay readable
-		"Service.PrivateUsers":           nil, // setuid to flux-runner needs the real ids
+		"Service.ProtectHome":            {"read-only"}, // Flux writes the config and keys under /home
+		"Service.ProtectControlGroups":   nil,           // would make /sys/fs/cgroup read-only
+		"Service.ProtectKernelTunables":  nil,           // so would this, with all of /sys
+		"Service.RestrictNamespaces":     nil,           // clone3 → ENOSYS: no CLONE_INTO_CGROUP
+		"Service.SystemCallFilter":       nil,           // functions inherit it
+		"Service.MemoryDenyWriteExecute": nil,           // breaks JIT runtimes in functions
+		"Service.UMask":                  nil,           // function code must stay readable
+		"Service.PrivateUsers":           nil,           // setuid to flux-runner needs the real ids
 		"Install.WantedBy":               {"multi-user.target"},
 	}
 	got := map[string][]string{}
@@ -515,13 +536,13 @@ func checkUnit(t *testing.T) {
 }
 
 // simulateBootstrap does what Flux's SSH bootstrap does after dpkg -i,
-// except starting the unit (no systemd here): a config, a drop-in naming
-// it, and `systemctl enable`.
-func simulateBootstrap(t *testing.T) {
+// except starting the unit (no systemd here): a drop-in naming the config
+// it wrote into the SSH user's home, and `systemctl enable`.
+func simulateBootstrap(t *testing.T, bootstrapConfig string) {
 	if err := os.MkdirAll(dropInDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, filepath.Join(dropInDir, "flux.conf"), "[Service]\nEnvironment=AGENT_CONFIG="+configDir+"/flux.yaml\n", 0o644)
+	writeFile(t, filepath.Join(dropInDir, "flux.conf"), "[Service]\nEnvironment=AGENT_CONFIG="+bootstrapConfig+"\n", 0o644)
 	// Enabling only writes symlinks; it works without a running systemd.
 	if out, err := exec.Command("systemctl", "enable", pkgName).CombinedOutput(); err != nil {
 		t.Fatalf("systemctl enable: %v\n%s", err, out)
@@ -530,7 +551,7 @@ func simulateBootstrap(t *testing.T) {
 		t.Fatalf("enable symlink %s → %q (%v), want %s", wantsLink, target, err, unitPath)
 	}
 	env := unitEnvironment(t)
-	if got, want := env["AGENT_CONFIG"], configDir+"/flux.yaml"; got != want {
+	if got, want := env["AGENT_CONFIG"], bootstrapConfig; got != want {
 		t.Errorf("AGENT_CONFIG with the drop-in: %q, want %q (the drop-in must win)", got, want)
 	}
 }
@@ -557,6 +578,53 @@ func checkReinstall(t *testing.T, deb string) {
 	checkInstalled(t)
 }
 
+// checkSystemdCalls runs the installed maintainer scripts as if systemd
+// were PID 1 (a private mount namespace where /run/systemd/system exists)
+// with a systemctl that only records its arguments, and checks what each
+// dpkg action would ask of systemd. Only actions that leave the installed
+// package as it is are run.
+func checkSystemdCalls(t *testing.T, rel release) {
+	requireCommands(t, "unshare")
+	bin := t.TempDir()
+	calls := filepath.Join(t.TempDir(), "calls")
+	writeFile(t, filepath.Join(bin, "systemctl"), "#!/bin/sh\necho \"$*\" >>\""+calls+"\"\n", 0o755)
+	dv := debVersion(rel.version)
+	cases := []struct {
+		script string
+		args   []string
+		want   []string
+	}{
+		{"postinst", []string{"configure", ""}, []string{"daemon-reload"}},
+		{"postinst", []string{"configure", dv}, []string{"daemon-reload", "try-restart flux-agent.service"}},
+		{"prerm", []string{"upgrade", dv}, nil},
+		{"prerm", []string{"remove"}, []string{"stop flux-agent.service", "disable flux-agent.service"}},
+		{"postrm", []string{"remove"}, []string{"daemon-reload"}},
+		{"postrm", []string{"upgrade", dv}, nil},
+	}
+	for _, c := range cases {
+		os.Remove(calls)
+		script := "/var/lib/dpkg/info/flux-agent." + c.script
+		args := append([]string{"--mount", "--propagation", "private", "sh", "-c",
+			`mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && exec "$@"`, "sh", script}, c.args...)
+		cmd := exec.Command("unshare", args...)
+		cmd.Env = append(os.Environ(), "PATH="+bin+":/usr/sbin:/usr/bin:/sbin:/bin")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("%s %v: %v\n%s", c.script, c.args, err, out)
+			continue
+		}
+		var got []string
+		if data, err := os.ReadFile(calls); err == nil {
+			got = strings.Split(strings.TrimSpace(string(data)), "\n")
+		}
+		if diff := cmp.Diff(c.want, got); diff != "" {
+			t.Errorf("%s %v: systemctl calls (-want +got):\n%s", c.script, c.args, diff)
+		}
+	}
+	// The recorded `disable` did not touch the real symlinks; the package
+	// is still installed and configured.
+	checkInstalled(t)
+}
+
 // runInstalledAgent runs /usr/local/bin/flux-agent with the environment
 // the unit gives it and a real Redis, checks its health over gRPC, then
 // stops it the way systemd would (SIGTERM, then TimeoutStopSec).
@@ -565,6 +633,8 @@ func runInstalledAgent(t *testing.T, rel release) {
 	port := freePort(t)
 	env := unitEnvironment(t)
 	configPath := env["AGENT_CONFIG"]
+	// A manual install's config too: purge must remove it with the dir.
+	writeFile(t, configDir+"/agent.yaml", "port: 50052\n", 0o644) // only the dir's 0750 hides it
 	writeFile(t, configPath, fmt.Sprintf(`agent_id: deb-e2e
 listen_address: 127.0.0.1
 port: %d
@@ -645,6 +715,11 @@ telemetry:
 		t.Errorf("grpc.health.v1 Check: %v %v, want SERVING", std.GetStatus(), err)
 	}
 
+	// A function deployed into the installed layout runs as flux-runner,
+	// can read its code under /var/lib/flux-agent/apps and cannot read the
+	// agent's config.
+	runFunction(t, conn, configDir+"/agent.yaml", configPath)
+
 	// Stop as systemd does with KillMode=mixed: SIGTERM to the agent alone,
 	// SIGKILL only after TimeoutStopSec.
 	stopTimeout := unitDuration(t, "Service.TimeoutStopSec")
@@ -662,6 +737,60 @@ telemetry:
 	}
 }
 
+// runFunction registers, deploys and runs a function through the
+// installed agent the way Flux does, and checks who it ran as and what it
+// could read.
+func runFunction(t *testing.T, conn *grpc.ClientConn, configs ...string) {
+	client := fluxpb.NewAgentServiceClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ack, err := client.RegisterFunction(ctx, &fluxpb.FunctionConfig{
+		Name: "whoami", Handler: "handler.sh", MemoryMb: 64, TimeoutSeconds: 10,
+		MaxConcurrency: 5, MaxConcurrencyBehavior: "exit",
+	})
+	if err != nil || !ack.GetSuccess() {
+		t.Fatalf("RegisterFunction: %v %v", ack, err)
+	}
+	script := "#!/bin/sh\nid -un\ngrep -q marker-line \"$0\" && echo code-readable # marker-line\n"
+	for _, c := range configs {
+		script += fmt.Sprintf("cat %q >/dev/null 2>&1 && echo config-readable || echo config-hidden\n", c)
+	}
+	var archive bytes.Buffer
+	zw := zip.NewWriter(&archive)
+	h := &zip.FileHeader{Name: "handler.sh", Method: zip.Deflate}
+	h.SetMode(0o755)
+	w, err := zw.CreateHeader(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, script)
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dack, err := client.DeployFunction(ctx, &fluxpb.DeploymentPackage{FunctionName: "whoami", CodeArchive: archive.Bytes()})
+	if err != nil || !dack.GetSuccess() {
+		t.Fatalf("DeployFunction: %v %v", dack, err)
+	}
+	resp, err := client.ExecuteFunction(ctx, &fluxpb.ExecutionRequest{FunctionName: "whoami", ExecutionId: "exc-" + uuid(t)})
+	if err != nil || resp.GetError() != "" {
+		t.Fatalf("ExecuteFunction: %v %q\n%s", err, resp.GetError(), resp.GetOutput())
+	}
+	want := runnerUser + "\ncode-readable\n" + strings.Repeat("config-hidden\n", len(configs))
+	if diff := cmp.Diff(want, string(resp.GetOutput())); diff != "" {
+		t.Errorf("function output (-want +got):\n%s", diff)
+	}
+}
+
+func uuid(t *testing.T) string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
 // checkRemove: dpkg -r stops and disables the unit and removes the
 // program, but keeps configuration, state and the runner user.
 func checkRemove(t *testing.T) {
@@ -671,7 +800,7 @@ func checkRemove(t *testing.T) {
 			t.Errorf("%s left after dpkg -r (%v)", p, err)
 		}
 	}
-	for _, p := range []string{configDir + "/flux.yaml", exampleConf, appsDir + "/marker", dropInDir} {
+	for _, p := range []string{configDir + "/agent.yaml", exampleConf, appsDir + "/marker", dropInDir} {
 		if _, err := os.Stat(p); err != nil {
 			t.Errorf("dpkg -r removed %s, which only purge may: %v", p, err)
 		}
@@ -682,12 +811,16 @@ func checkRemove(t *testing.T) {
 }
 
 // checkPurge: nothing is left behind.
-func checkPurge(t *testing.T) {
+func checkPurge(t *testing.T, bootstrapConfig string) {
 	mustRun(t, "dpkg", "--purge", pkgName)
 	for _, p := range []string{binPath, unitPath, configDir, stateDir, dropInDir, wantsLink, docDir} {
 		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left after purge (%v)", p, err)
 		}
+	}
+	// What Flux wrote into its SSH user's home is Flux's, not the package's.
+	if _, err := os.Stat(bootstrapConfig); err != nil {
+		t.Errorf("purge removed %s, which Flux's bootstrap owns: %v", bootstrapConfig, err)
 	}
 	for _, db := range []string{"passwd", "group"} {
 		if err := exec.Command("getent", db, runnerUser).Run(); err == nil {
@@ -697,13 +830,34 @@ func checkPurge(t *testing.T) {
 	if out, err := exec.Command("dpkg-query", "-W", "-f=${Status}", pkgName).CombinedOutput(); err == nil && strings.TrimSpace(string(out)) != "" && !strings.Contains(string(out), "not-installed") {
 		t.Errorf("dpkg still knows %s: %s", pkgName, out)
 	}
+	// The agent's default cgroup root on this cgroup v1 host: purge removes
+	// it when empty. One holding processes or cgroups belongs to another
+	// agent on this host (other tests) and is left alone.
 	leftovers, _ := filepath.Glob("/sys/fs/cgroup/*/flux-agent")
-	if more, _ := filepath.Glob("/sys/fs/cgroup/flux-agent"); len(more) > 0 {
-		leftovers = append(leftovers, more...)
+	for _, dir := range leftovers {
+		if cgroupEmpty(dir) {
+			t.Errorf("empty cgroup %s left after purge", dir)
+		}
 	}
-	if len(leftovers) > 0 {
-		t.Errorf("cgroups left after purge: %v", leftovers)
+}
+
+// cgroupEmpty says whether a cgroup v1 dir has no processes and no child
+// cgroups.
+func cgroupEmpty(dir string) bool {
+	procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil || len(bytes.TrimSpace(procs)) > 0 {
+		return false
 	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			return false
+		}
+	}
+	return true
 }
 
 // purgeLeftover removes a flux-agent package a failed run left installed.
@@ -891,8 +1045,14 @@ func freePort(t *testing.T) int {
 
 func mustRun(t *testing.T, name string, args ...string) string {
 	t.Helper()
+	return mustRunIn(t, "", name, args...)
+}
+
+func mustRunIn(t *testing.T, dir, name string, args ...string) string {
+	t.Helper()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, stdout.String(), stderr.String())
