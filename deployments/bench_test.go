@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // benchArchive builds the issue's benchmark case: about 50 MiB of archive
@@ -99,4 +100,46 @@ func BenchmarkDeploy(b *testing.B) {
 			b.StartTimer()
 		}
 	})
+}
+
+// BenchmarkDeployVsUnzip alternates a deploy and an `unzip -q` of the same
+// archive in every iteration, so load from elsewhere on the machine hits both
+// alike, and reports each one's seconds per op and their ratio (the issue's
+// target: ratio ≤ 1.5).
+func BenchmarkDeployVsUnzip(b *testing.B) {
+	if _, err := exec.LookPath("unzip"); err != nil {
+		b.Skip("unzip not installed")
+	}
+	archive := benchArchive(b)
+	tmp := b.TempDir()
+	zipPath := filepath.Join(tmp, "bench.zip")
+	if err := os.WriteFile(zipPath, archive, 0o644); err != nil {
+		b.Fatal(err)
+	}
+	var agent, unzip time.Duration
+	for i := 0; b.Loop(); i++ {
+		dest := filepath.Join(tmp, fmt.Sprint("unzip", i))
+		start := time.Now()
+		if out, err := exec.Command("unzip", "-q", zipPath, "-d", dest).CombinedOutput(); err != nil {
+			b.Fatalf("unzip: %v: %s", err, out)
+		}
+		unzip += time.Since(start)
+
+		apps := filepath.Join(tmp, fmt.Sprint("apps", i))
+		store, err := Open(apps, Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		start = time.Now()
+		if _, err := store.Deploy(context.Background(), "bench", "main.sh", archive); err != nil {
+			b.Fatal(err)
+		}
+		agent += time.Since(start)
+		store.Close()
+		os.RemoveAll(apps)
+		os.RemoveAll(dest)
+	}
+	b.ReportMetric(agent.Seconds()/float64(b.N), "agent-s/op")
+	b.ReportMetric(unzip.Seconds()/float64(b.N), "unzip-s/op")
+	b.ReportMetric(agent.Seconds()/unzip.Seconds(), "agent/unzip")
 }

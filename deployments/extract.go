@@ -29,23 +29,24 @@ type extraction struct {
 // the write and fsync of others, and concurrent fsyncs share journal commits.
 const extractWorkers = 4
 
-// writeFiles writes every file of the plan with extractWorkers goroutines,
-// which it waits for; the first failure stops the others.
-func (x *extraction) writeFiles(parent context.Context) error {
+// inParallel runs work(ctx, i) for every i below count on up to
+// extractWorkers goroutines, each made by newWorker (so it can own a buffer),
+// and waits for them. The first failure stops the others and is returned.
+func inParallel(parent context.Context, count int, newWorker func() func(ctx context.Context, i int) error) error {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	var next atomic.Int64
-	errs := make([]error, extractWorkers)
+	errs := make([]error, min(extractWorkers, count))
 	var wg sync.WaitGroup
-	for w := range extractWorkers {
+	for w := range errs {
+		work := newWorker()
 		wg.Go(func() {
-			buf := make([]byte, copyBufferSize)
 			for {
 				i := int(next.Add(1) - 1)
-				if i >= len(x.plan.files) || ctx.Err() != nil {
+				if i >= count || ctx.Err() != nil {
 					return
 				}
-				if err := x.writeFile(ctx, x.plan.files[i], buf); err != nil {
+				if err := work(ctx, i); err != nil {
 					errs[w] = err
 					cancel()
 					return
@@ -72,6 +73,10 @@ func (x *extraction) writeFiles(parent context.Context) error {
 func (x *extraction) run(ctx context.Context) error {
 	for _, d := range x.plan.dirs {
 		if err := x.root.Mkdir(filepath.FromSlash(d), 0o755); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				// Only a name the filesystem folds onto another gets here.
+				return badEntry(d, "collides with another entry on this filesystem")
+			}
 			return fmt.Errorf("create directory %q: %w", d, err)
 		}
 		// Mkdir is subject to the umask; the runner must be able to read.
@@ -79,20 +84,31 @@ func (x *extraction) run(ctx context.Context) error {
 			return fmt.Errorf("set mode of directory %q: %w", d, err)
 		}
 	}
-	if err := x.writeFiles(ctx); err != nil {
+	files := x.plan.files
+	err := inParallel(ctx, len(files), func() func(context.Context, int) error {
+		buf := make([]byte, copyBufferSize)
+		return func(ctx context.Context, i int) error { return x.writeFile(ctx, files[i], buf) }
+	})
+	if err != nil {
 		return err
 	}
 	for _, l := range x.plan.links {
 		if err := x.root.Symlink(filepath.FromSlash(l.target), filepath.FromSlash(l.name)); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				return badEntry(l.file.Name, "collides with another entry on this filesystem")
+			}
 			return fmt.Errorf("create symlink %q: %w", l.name, err)
 		}
 	}
-	for _, d := range append(x.plan.dirs, ".") {
-		if err := syncDir(x.root, filepath.FromSlash(d)); err != nil {
-			return fmt.Errorf("sync directory %q: %w", d, err)
+	dirs := append(x.plan.dirs[:len(x.plan.dirs):len(x.plan.dirs)], ".")
+	return inParallel(ctx, len(dirs), func() func(context.Context, int) error {
+		return func(_ context.Context, i int) error {
+			if err := syncDir(x.root, filepath.FromSlash(dirs[i])); err != nil {
+				return fmt.Errorf("sync directory %q: %w", dirs[i], err)
+			}
+			return nil
 		}
-	}
-	return nil
+	})
 }
 
 func (x *extraction) writeFile(ctx context.Context, e *entry, buf []byte) (err error) {
