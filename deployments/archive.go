@@ -110,7 +110,8 @@ type entry struct {
 // name, type, symlink and count is known to be safe, so extraction only has
 // to copy (and count the real bytes).
 type plan struct {
-	byName map[string]*entry
+	byName  map[string]*entry
+	entries []*entry // as the archive lists them, for deterministic errors
 	dirs   []string // every directory, explicit or implied, parents first
 	files  []*entry // in archive order
 	links  []*entry
@@ -155,6 +156,7 @@ func planArchive(zr *zip.Reader, archiveSize int64, handler string, lim Limits) 
 			return nil, &EntryError{Entry: f.Name, Reason: "declared sizes add up to " + over, Err: ErrTooLarge}
 		}
 		p.byName[e.name] = e
+		p.entries = append(p.entries, e)
 		switch e.kind {
 		case kindFile:
 			p.files = append(p.files, e)
@@ -246,11 +248,11 @@ func typeName(m fs.FileMode) string {
 // an archive reaches outside, and a file cannot hold children.
 func (p *plan) addParents() error {
 	dirs := make(map[string]bool)
-	for name, e := range p.byName {
+	for _, e := range p.entries {
 		if e.kind == kindDir {
-			dirs[name] = true
+			dirs[e.name] = true
 		}
-		for dir := path.Dir(name); dir != "."; dir = path.Dir(dir) {
+		for dir := path.Dir(e.name); dir != "."; dir = path.Dir(dir) {
 			if parent, ok := p.byName[dir]; ok && parent.kind != kindDir {
 				kind := "file"
 				if parent.kind == kindSymlink {

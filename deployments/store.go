@@ -124,6 +124,10 @@ type Store struct {
 	keep   int
 	log    *slog.Logger
 
+	// closing is cancelled by Close, which stops deploys under way.
+	closing context.Context
+	close   context.CancelFunc
+
 	mu        sync.Mutex
 	closed    bool
 	functions map[string]*function
@@ -190,7 +194,10 @@ func Open(appsDir string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open apps dir: %w", err)
 	}
+	closing, closeFn := context.WithCancel(context.Background())
 	s := &Store{
+		closing:   closing,
+		close:     closeFn,
 		dir:       dir,
 		root:      root,
 		limits:    opts.Limits.withDefaults(),
@@ -208,6 +215,7 @@ func Open(appsDir string, opts Options) (*Store, error) {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	if err := s.recover(); err != nil {
+		closeFn()
 		root.Close()
 		return nil, err
 	}
@@ -357,11 +365,14 @@ func (s *Store) Deploy(ctx context.Context, name, handler string, archive []byte
 		return Deployment{}, err
 	}
 	defer s.inflight.Done()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	defer context.AfterFunc(s.closing, func() { cancel(ErrClosed) })()
 	select {
 	case fn.deploying <- struct{}{}:
 		defer func() { <-fn.deploying }()
 	case <-ctx.Done():
-		return Deployment{}, fmt.Errorf("deploy %q: waiting for an earlier deploy: %w", name, ctx.Err())
+		return Deployment{}, fmt.Errorf("deploy %q: waiting for an earlier deploy: %w", name, context.Cause(ctx))
 	}
 
 	digest := digestOf(handler, archive)
@@ -375,6 +386,9 @@ func (s *Store) Deploy(ctx context.Context, name, handler string, archive []byte
 	start := time.Now()
 	rec, err := s.install(ctx, name, fn, handler, digest, archive)
 	if err != nil {
+		if cause := context.Cause(ctx); cause != nil && errors.Is(err, ctx.Err()) {
+			err = cause // ErrClosed rather than "context canceled" when Close stopped it
+		}
 		return Deployment{}, fmt.Errorf("deploy %q: %w", name, err)
 	}
 	s.log.Info("deployed function", "function", name, "version", rec.Version,
@@ -657,7 +671,8 @@ func (l *Lease) Release() {
 	})
 }
 
-// Close stops new deploys and leases, waits for running deploys, and
+// Close stops new deploys and leases, stops the deploys under way (they
+// fail with ErrClosed and leave nothing behind), waits for them, and
 // releases apps_dir. Leases still held stay valid on disk.
 func (s *Store) Close() error {
 	s.mu.Lock()
@@ -667,6 +682,7 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.mu.Unlock()
+	s.close()
 	s.inflight.Wait()
 	return s.root.Close()
 }

@@ -473,3 +473,28 @@ func TestAcquireAndDeployRefusals(t *testing.T) {
 		t.Errorf("Deploy after Close = %v, want ErrClosed", err)
 	}
 }
+
+func TestCloseStopsWaitingDeploys(t *testing.T) {
+	env := newTestEnv(t, Options{})
+	env.deploy(t, "busy", "main.sh", goodArchive(t))
+	env.store.mu.Lock()
+	busy := env.store.functions["busy"]
+	env.store.mu.Unlock()
+	busy.deploying <- struct{}{} // an earlier deploy never finishes
+	defer func() { <-busy.deploying }()
+
+	done := make(chan error)
+	go func() {
+		_, err := env.store.Deploy(context.Background(), "busy", "main.sh", zipOf(t, exe("main.sh", "second")))
+		done <- err
+	}()
+	if err := env.store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrClosed) {
+		t.Errorf("deploy stopped by Close = %v, want ErrClosed", err)
+	}
+	if got := versionsOnDisk(t, env.apps, "busy"); len(got) != 1 {
+		t.Errorf("versions on disk after Close = %v, want only the first", got)
+	}
+}
