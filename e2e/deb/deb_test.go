@@ -623,6 +623,17 @@ func checkSystemdCalls(t *testing.T, rel release) {
 	// The recorded `disable` did not touch the real symlinks; the package
 	// is still installed and configured.
 	checkInstalled(t)
+
+	// On a host whose /usr/local/bin held only the agent, dpkg -r removes
+	// the dir (the package is its only owner); postrm puts it back. An empty
+	// tmpfs on /usr/local stands in for such a host.
+	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount -t tmpfs tmpfs /usr/local && sh /var/lib/dpkg/info/flux-agent.postrm remove && stat -c '%A %U:%G' /usr/local/bin`).CombinedOutput()
+	if err != nil {
+		t.Errorf("postrm remove with an empty /usr/local: %v\n%s", err, out)
+	} else if got := strings.TrimSpace(string(out)); got != "drwxr-xr-x root:root" && got != "drwxrwsr-x root:staff" {
+		t.Errorf("postrm remove left /usr/local/bin as %q, want it recreated as base-files makes it", got)
+	}
 }
 
 // runInstalledAgent runs /usr/local/bin/flux-agent with the environment
