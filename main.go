@@ -155,10 +155,14 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		return fmt.Errorf("redis tracing: %w", err)
 	}
 
+	pidsLimit := cfg.Sandbox.PidsLimit
+	if pidsLimit == 0 {
+		pidsLimit = sandbox.NoPidsLimit // 0 in the config means unlimited
+	}
 	sb, err := sandbox.New(sandbox.Config{
 		CgroupRoot: cfg.Sandbox.CgroupRoot,
 		User:       cfg.Sandbox.RunAsUser,
-		PidsLimit:  cfg.Sandbox.PidsLimit,
+		PidsLimit:  pidsLimit,
 		ScratchDir: cfg.Sandbox.ScratchDir,
 		Logger:     logger,
 	})

@@ -230,6 +230,11 @@ func (e *execCgroupV1) signalAll(sig syscall.Signal) error {
 }
 
 func (e *execCgroupV1) kill() error {
+	// The usual end of an execution: nothing is left. Only a member can
+	// fork into a cgroup, so an empty one stays empty and needs no freeze.
+	if pids, err := readProcs(e.dirs["freezer"]); err == nil && len(pids) == 0 {
+		return nil
+	}
 	return killFrozenV1(e.dirs["freezer"], false)
 }
 

@@ -7,6 +7,7 @@ import (
 
 	"github.com/serverless-fabric/flux-agent/deployments"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
+	"github.com/serverless-fabric/flux-agent/sandbox"
 )
 
 // Concurrency behaviours Flux sends.
@@ -38,6 +39,8 @@ func validateFunction(fn *fluxpb.FunctionConfig) error {
 	switch {
 	case fn.GetCpuMillicores() < 0:
 		return fmt.Errorf("function %s: cpu_millicores must not be negative", fn.GetName())
+	case fn.GetCpuMillicores() > 0 && fn.GetCpuMillicores() < sandbox.MinCPUMillicores:
+		return fmt.Errorf("function %s: cpu_millicores must be 0 (no limit) or at least %d", fn.GetName(), sandbox.MinCPUMillicores)
 	case fn.GetMemoryMb() < 0:
 		return fmt.Errorf("function %s: memory_mb must not be negative", fn.GetName())
 	case fn.GetMemoryMb() > 1<<30:
