@@ -1,0 +1,140 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	fluxpb "github.com/serverless-fabric/flux-agent/proto"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the agent isolates functions with cgroups and the flux-runner user only as root")
+	}
+}
+
+func requireRunner(t *testing.T) {
+	t.Helper()
+	if _, err := user.Lookup("flux-runner"); err != nil {
+		t.Skip("needs the flux-runner user (sandbox/vmtest/setup-runner.sh creates it)")
+	}
+}
+
+// Through the whole agent: functions run unprivileged, inside limits that
+// hold, and cannot read what is the agent's.
+func TestSandboxedExecution(t *testing.T) {
+	requireRoot(t)
+	requireRunner(t)
+	rs := startRedis(t)
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte("top secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, rs, agentOptions{Env: []string{"FLUX_TEST_AGENT_ONLY=agent-env-value"}})
+	c := a.client(t)
+
+	install(t, c, fn{Name: "whoami", Script: fmt.Sprintf(`echo "uid:$(id -u) groups:$(id -G)"
+cat %s 2>/dev/null && echo READ-SECRET
+cat /proc/1/environ 2>/dev/null | tr '\0' '\n' | grep -c FLUX_TEST_AGENT_ONLY
+cat /proc/$PPID/environ 2>/dev/null | tr '\0' '\n' | grep FLUX_TEST_AGENT_ONLY
+touch handler.sh 2>/dev/null && echo WROTE-CODE
+echo tmp:$TMPDIR; touch "$TMPDIR/scratch" && echo tmp-ok
+grep NoNewPrivs /proc/self/status
+`, secret)})
+	resp, _ := execSync(t, c, "whoami")
+	out := string(resp.GetOutput())
+	if strings.Contains(out, "uid:0 ") || !strings.Contains(out, "uid:") {
+		t.Errorf("function runs as root or not at all:\n%s", out)
+	}
+	for _, leak := range []string{"READ-SECRET", "agent-env-value", "WROTE-CODE"} {
+		if strings.Contains(out, leak) {
+			t.Errorf("isolation broken (%s):\n%s", leak, out)
+		}
+	}
+	if !strings.Contains(out, "tmp-ok") || !strings.Contains(out, "NoNewPrivs:\t1") {
+		t.Errorf("scratch dir or no_new_privs missing:\n%s", out)
+	}
+
+	t.Run("out of memory", func(t *testing.T) {
+		install(t, c, fn{Name: "hog", Script: "dd if=/dev/zero of=/dev/null bs=200M count=1 2>/dev/null\necho survived\n",
+			Config: &fluxpb.FunctionConfig{MemoryMb: 32}})
+		resp, id := execSync(t, c, "hog")
+		if resp.GetError() != "out of memory: exceeded the 32 MiB limit" {
+			t.Errorf("error %q, output %q", resp.GetError(), resp.GetOutput())
+		}
+		if rec := getRecord(t, c, id); !rec.OOMKilled || rec.Status != "failed" {
+			t.Errorf("record: %+v", rec)
+		}
+	})
+	t.Run("setsid escapee dies on cancel", func(t *testing.T) {
+		mark := filepath.Join(filepath.Dir(string(newTrigger(t))), "alive")
+		install(t, c, fn{Name: "escape", Script: fmt.Sprintf("setsid sh -c 'while true; do touch %s; sleep 0.05; done' &\necho forked\nsleep 60\n", mark)})
+		id := execAsync(t, c, "escape")
+		waitRecord(t, c, id, 5*time.Second, "forked", func(r *record) bool { return strings.Contains(r.Output, "forked") })
+		if !waitUntil(5*time.Second, func() bool { _, err := os.Stat(mark); return err == nil }) {
+			t.Fatal("the escapee never ran")
+		}
+		if resp, err := c.CancelExecution(context.Background(), &fluxpb.CancelExecutionRequest{ExecutionId: id}); err != nil || !resp.GetSuccess() {
+			t.Fatal(resp, err)
+		}
+		os.Remove(mark)
+		// Nothing touches the mark any more: the escapee is dead. The check
+		// waits well beyond its 50 ms loop.
+		deadline := time.Now().Add(500 * time.Millisecond)
+		for time.Now().Before(deadline) {
+			if _, err := os.Stat(mark); err == nil {
+				t.Fatal("the setsid escapee survived the cancel")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
+
+// The public IP comes from public_ip_url (here a loopback stand-in for the
+// real service) and reaches functions; the lookup never delays start-up.
+func TestPublicIPLookup(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "198.51.100.77")
+	})}
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.Close() })
+
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{Env: []string{"FLUX_AGENT_NETWORK_PUBLIC_IP_URL=http://" + lis.Addr().String() + "/"}})
+	c := a.client(t)
+	install(t, c, fn{Name: "ip", Script: "echo $FLUX_NODE_PUBLIC_IP\n"})
+	if !waitUntil(10*time.Second, func() bool {
+		resp, _ := execSync(t, c, "ip")
+		return string(resp.GetOutput()) == "198.51.100.77\n"
+	}) {
+		t.Errorf("FLUX_NODE_PUBLIC_IP never became the looked-up address")
+	}
+}
+
+// BenchmarkNodeStatus is the ReportNodeStatus round trip over loopback
+// gRPC: the figures are in memory, so this is gRPC's own cost.
+func BenchmarkNodeStatus(b *testing.B) {
+	rs := startRedis(b)
+	a := benchAgent(b, rs, "")
+	c := a.client(b)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := c.ReportNodeStatus(ctx, &fluxpb.NodeStatusRequest{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
