@@ -252,10 +252,13 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	if err := tel.Metrics.ObserveNode(nodeSample(sampler)); err != nil {
 		logger.Warn("node metrics not registered", "error", err)
 	}
+	iso := sb.Isolation()
+	if err := tel.Metrics.Isolation(ctx, iso.Cgroup, iso.User, len(iso.Degraded) > 0); err != nil {
+		logger.Warn("isolation metric not registered", "error", err)
+	}
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- server.Serve(lis) }()
-	iso := sb.Isolation()
 	logger.Info("flux-agent started",
 		"version", version, "commit", commit, "agent_id", cfg.AgentID,
 		"grpc_address", lis.Addr().String(), "tls", cfg.TLS.Enabled,

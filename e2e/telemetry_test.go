@@ -396,6 +396,9 @@ func TestMetricsEndpointCountsExecutions(t *testing.T) {
 		t.Errorf("flux_node_memory_total_bytes = %v, want the node's memory", after[`flux_node_memory_total_bytes`])
 	}
 	_, body := httpGet(t, a.MetricsURL+"/metrics")
+	if !strings.Contains(body, `flux_sandbox_isolation{cgroup="`) {
+		t.Errorf("/metrics lacks flux_sandbox_isolation, the operator's view of what isolates functions")
+	}
 	for _, id := range ids {
 		if strings.Contains(body, id) {
 			t.Errorf("/metrics mentions execution id %s: labels must stay bounded", id)
