@@ -14,10 +14,6 @@ import (
 // enough for Flux's autoscaler, rare enough to cost nothing measurable.
 const DefaultSampleInterval = time.Second
 
-// DefaultCPUInterval is DefaultSampleInterval under the name the first draft
-// of this API used.
-const DefaultCPUInterval = DefaultSampleInterval
-
 // firstDeltaDelay is how soon after start the second CPU sample is taken, so
 // that the first figure reflecting current load exists within the first
 // second whatever the interval.
@@ -226,19 +222,6 @@ func (s *Sampler) noteFailure(figure string, err error, wasFailing bool) bool {
 		s.logger.Info("node statistics readable again", "figure", figure)
 	}
 	return err != nil
-}
-
-// CPUSampler is Sampler under the name the first draft of this API used.
-type CPUSampler = Sampler
-
-// NewCPUSampler is NewSampler under the name the first draft of this API used.
-func NewCPUSampler(procRoot string, interval time.Duration, logger *slog.Logger) (*CPUSampler, error) {
-	return NewSampler(procRoot, interval, logger)
-}
-
-// Percent is CPUPercent under the name the first draft of this API used.
-func (s *Sampler) Percent() float64 {
-	return s.CPUPercent()
 }
 
 // ReadMemory reads the node's memory figures once, for callers that do not

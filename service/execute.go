@@ -250,8 +250,6 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 		}
 	}
 	defer s.slots.release(name)
-	s.running.Add(1)
-	defer s.running.Add(-1)
 	s.metrics.RunningAdd(ctx, name, 1)
 	defer s.metrics.RunningAdd(ctx, name, -1)
 

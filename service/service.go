@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -85,7 +84,6 @@ type Service struct {
 	draining  bool
 	wg        sync.WaitGroup // one per active execution
 
-	running atomic.Int64 // executions holding a slot, for metrics and tests
 }
 
 // New returns a Service. It starts nothing in the background.
