@@ -118,7 +118,9 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 		}
 	}
 	queued := w != nil && !isClosed(w.ready)
+	e.mu.Lock() // Shutdown may already look at it
 	e.queued = queued
+	e.mu.Unlock()
 	e.rec = Record{
 		ExecutionID:  e.id,
 		AgentID:      s.opts.AgentID,

@@ -297,9 +297,9 @@ func toStatus(err error) error {
 		return status.Error(grpccodes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrDuplicateExecution):
 		return status.Error(grpccodes.AlreadyExists, err.Error())
-	case errors.Is(err, ErrShuttingDown):
-		return status.Error(grpccodes.Unavailable, err.Error())
 	default:
-		return status.Error(grpccodes.Internal, err.Error())
+		// The agent cannot work right now (shutting down, Redis down): Flux
+		// shows it as a failure to reach the agent, which it is.
+		return status.Error(grpccodes.Unavailable, err.Error())
 	}
 }
