@@ -24,15 +24,20 @@ var (
 // caller's message points at the file to fix. Err is ErrBadArchive or
 // ErrTooLarge (possibly wrapping a zip error).
 type EntryError struct {
-	Entry  string
+	// Entry is the name exactly as the archive spells it.
+	Entry string
+	// Reason says what is wrong with it.
 	Reason string
-	Err    error
+	// Err is the sentinel (and any cause) for errors.Is.
+	Err error
 }
 
+// Error says what was wrong with which entry.
 func (e *EntryError) Error() string {
 	return fmt.Sprintf("%v: entry %q: %s", e.Err, e.Entry, e.Reason)
 }
 
+// Unwrap lets errors.Is find ErrBadArchive or ErrTooLarge.
 func (e *EntryError) Unwrap() error { return e.Err }
 
 func badEntry(name, format string, args ...any) error {
@@ -112,9 +117,9 @@ type entry struct {
 type plan struct {
 	byName  map[string]*entry
 	entries []*entry // as the archive lists them, for deterministic errors
-	dirs   []string // every directory, explicit or implied, parents first
-	files  []*entry // in archive order
-	links  []*entry
+	dirs    []string // every directory, explicit or implied, parents first
+	files   []*entry // in archive order
+	links   []*entry
 }
 
 // maxLinkTarget bounds a symlink's target; the kernel's own limit is 4095.
@@ -340,7 +345,10 @@ var (
 func (p *plan) resolve(stack []string, rel string, hops *int) ([]string, error) {
 	stack = append([]string(nil), stack...)
 	elems := splitPath(rel)
-	for i, elem := range elems {
+	for _, elem := range elems {
+		if !p.isDir(stack) {
+			return nil, errMissing // a file has no children: ENOTDIR
+		}
 		if elem == ".." {
 			if len(stack) == 0 {
 				return nil, errEscapes
@@ -353,12 +361,7 @@ func (p *plan) resolve(stack []string, rel string, hops *int) ([]string, error) 
 		if !ok {
 			return nil, errMissing
 		}
-		switch e.kind {
-		case kindFile:
-			if i < len(elems)-1 {
-				return nil, errMissing // a file has no children: ENOTDIR
-			}
-		case kindSymlink:
+		if e.kind == kindSymlink {
 			if *hops++; *hops > maxLinkHops {
 				return nil, errLoop
 			}
@@ -368,7 +371,21 @@ func (p *plan) resolve(stack []string, rel string, hops *int) ([]string, error) 
 			}
 		}
 	}
+	// "f/" and "f/." name a directory, as the kernel reads them.
+	if (strings.HasSuffix(rel, "/") || strings.HasSuffix(rel, "/.") || rel == ".") && !p.isDir(stack) {
+		return nil, errMissing
+	}
 	return stack, nil
+}
+
+// isDir reports whether the resolved path stack is a directory (the root
+// is). Stacks from resolve never end at a symlink.
+func (p *plan) isDir(stack []string) bool {
+	if len(stack) == 0 {
+		return true
+	}
+	e := p.byName[strings.Join(stack, "/")]
+	return e != nil && e.kind == kindDir
 }
 
 // splitPath splits a '/'-separated relative path, dropping empty and "."

@@ -96,6 +96,8 @@ func hostileCases() []hostileCase {
 		}, want: ErrTooLarge, entry: "zeros"},
 		{name: "handler-missing", build: zipped(file("other.sh", "x")), want: ErrBadArchive},
 		{name: "handler-is-dir", build: zipped(dir("main.sh/"), file("main.sh/x", "x")), want: ErrBadArchive},
+		{name: "handler-link-to-file-as-dir", build: zipped(exe("real", "x"), symlink("main.sh", "real/")), want: ErrBadArchive},
+		{name: "handler-through-file-dotdot", build: zipped(exe("real", "x"), symlink("f", "real"), symlink("main.sh", "f/../real")), want: ErrBadArchive},
 		{name: "handler-dangling-link", build: zipped(symlink("main.sh", "nowhere.sh")), want: ErrBadArchive},
 	}
 }

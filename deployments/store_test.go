@@ -484,8 +484,9 @@ func TestCloseStopsWaitingDeploys(t *testing.T) {
 	defer func() { <-busy.deploying }()
 
 	done := make(chan error)
+	second := zipOf(t, exe("main.sh", "second"))
 	go func() {
-		_, err := env.store.Deploy(context.Background(), "busy", "main.sh", zipOf(t, exe("main.sh", "second")))
+		_, err := env.store.Deploy(context.Background(), "busy", "main.sh", second)
 		done <- err
 	}()
 	if err := env.store.Close(); err != nil {
