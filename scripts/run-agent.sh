@@ -23,7 +23,10 @@ getent passwd flux-runner >/dev/null || useradd --system --no-create-home --home
 mkdir -p /var/lib/flux-agent/apps && chmod 0711 /var/lib/flux-agent && chmod 0755 /var/lib/flux-agent/apps
 go build -o flux-agent .
 if [ ! -f agent.yaml ]; then
-	sed -e 's/^redis_addr: .*/redis_addr: "redis:\/\/127.0.0.1:6379"/' -e 's/^  format: json/  format: text/' example.agent.yaml > agent.yaml
+	# A trial config: local Redis, readable logs, and no public IP lookup
+	# (set network.public_ip_url or node_public_ip to have one).
+	sed -e 's/^redis_addr: .*/redis_addr: "redis:\/\/127.0.0.1:6379"/' -e 's/^  format: json/  format: text/' \
+		-e 's/^  public_ip_url: .*/  public_ip_url: ""/' example.agent.yaml > agent.yaml
 fi
 AGENT_CONFIG=./agent.yaml ./flux-agent check-config >/dev/null
 exec env AGENT_CONFIG=./agent.yaml ./flux-agent
