@@ -19,7 +19,7 @@ fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 	systemctl start redis-server 2>/dev/null || redis-server --bind 127.0.0.1 --port 6379 --daemonize yes >/dev/null
 fi
-getent passwd flux-runner >/dev/null || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flux-runner
+sandbox/vmtest/setup-runner.sh
 mkdir -p /var/lib/flux-agent/apps && chmod 0711 /var/lib/flux-agent && chmod 0755 /var/lib/flux-agent/apps
 go build -o flux-agent .
 if [ ! -f agent.yaml ]; then
