@@ -609,7 +609,7 @@ func (s *Store) Acquire(name string) (*Lease, error) {
 		return nil, ErrClosed
 	}
 	fn := s.functions[name]
-	if fn == nil || fn.current == nil {
+	if fn == nil || fn.current == nil || fn.versions[fn.current.Version] == nil {
 		return nil, fmt.Errorf("%w: %q", ErrNotDeployed, name)
 	}
 	fn.versions[fn.current.Version].leases++
