@@ -124,6 +124,7 @@ func TestDebPackage(t *testing.T) {
 		{"run-agent", func(t *testing.T) { runInstalledAgent(t, rel) }},
 		{"remove", checkRemove},
 		{"purge", func(t *testing.T) { checkPurge(t, bootstrapConfig) }},
+		{"systemd-vm", func(t *testing.T) { runSystemdVM(t, root, rel) }},
 	}
 	for _, s := range steps {
 		if !t.Run(s.name, s.fn) {
@@ -800,6 +801,32 @@ func uuid(t *testing.T) string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// runSystemdVM boots the package's VM test (e2e/deb/vm/run.sh): the same
+// .deb under a real systemd on a cgroup v2 kernel, TestUnderSystemd inside.
+func runSystemdVM(t *testing.T, root string, rel release) {
+	if os.Getenv("FLUX_AGENT_DEB_VM") == "0" {
+		t.Skip("FLUX_AGENT_DEB_VM=0")
+	}
+	start := time.Now()
+	cmd := exec.Command("sh", filepath.Join(root, "e2e/deb/vm/run.sh"))
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "FLUX_AGENT_DIST="+rel.dist)
+	out, err := cmd.CombinedOutput()
+	// The console log: the test's own lines, without the boot's noise.
+	var report []string
+	for _, line := range strings.Split(string(out), "\n") {
+		line = strings.TrimRight(line, "\r")
+		if strings.HasPrefix(line, "debvm:") || strings.HasPrefix(line, "    ") || strings.HasPrefix(line, "---") ||
+			strings.HasPrefix(line, "===") || strings.HasPrefix(line, "DEBVM-RESULT") {
+			report = append(report, line)
+		}
+	}
+	t.Logf("VM (%s):\n%s", time.Since(start).Round(time.Second), strings.Join(report, "\n"))
+	if err != nil {
+		t.Errorf("e2e/deb/vm/run.sh: %v\n%s", err, out)
+	}
 }
 
 // checkRemove: dpkg -r stops and disables the unit and removes the

@@ -1,0 +1,125 @@
+#!/bin/sh
+# Proves the .deb under a real systemd: boots Debian 12 (systemd as PID 1,
+# cgroup v2) under QEMU with the root file system as its initramfs, and
+# runs e2e/deb's TestUnderSystemd there. That test installs the package,
+# does what Flux's bootstrap does, runs functions through the unit with all
+# its hardening, stops, crashes and purges it. This host has no systemd as
+# PID 1 and mounts cgroups v1, so this is the only place the unit runs.
+#
+# Needs root and, the first time, Debian's package mirror (the root file
+# system comes from mmdebstrap and is cached; the kernel is Debian's cloud
+# kernel, shared with sandbox/vmtest). Exits non-zero when the test fails
+# inside the VM, the VM does not report, or it times out.
+#
+#   sudo e2e/deb/vm/run.sh                 # builds the snapshot first
+#   FLUX_AGENT_DIST=dist e2e/deb/vm/run.sh # uses an existing dist/
+set -eu
+
+repo=$(cd "$(dirname "$0")/../../.." && pwd)
+kernel_cache=${VMTEST_CACHE:-/var/cache/flux-agent-vmtest}
+cache=${DEBVM_CACHE:-/var/cache/flux-agent-debvm}
+timeout_s=${DEBVM_TIMEOUT:-900}
+suite=bookworm
+packages=systemd-sysv,redis-server,passwd,procps
+
+need=""
+command -v qemu-system-x86_64 >/dev/null || need="$need qemu-system-x86"
+command -v mmdebstrap >/dev/null || need="$need mmdebstrap"
+command -v cpio >/dev/null || need="$need cpio"
+if [ -n "$need" ]; then
+	echo "debvm: installing$need"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
+fi
+
+# The kernel: the concrete image the cloud meta package points at.
+mkdir -p "$kernel_cache" "$cache"
+kernel_pkg() {
+	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+		awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+pkg=$(kernel_pkg)
+if [ -z "$pkg" ]; then
+	apt-get update -qq
+	pkg=$(kernel_pkg)
+fi
+[ -n "$pkg" ] || { echo "debvm: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+vmlinuz=$(ls "$kernel_cache/$pkg"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
+if [ -z "$vmlinuz" ]; then
+	echo "debvm: fetching $pkg"
+	tmp=$(mktemp -d)
+	(cd "$tmp" && apt-get download -qq "$pkg" && dpkg-deb -x "$pkg"_*.deb x)
+	mkdir -p "$kernel_cache/$pkg/boot"
+	mv "$tmp"/x/boot/vmlinuz-* "$kernel_cache/$pkg/boot/"
+	rm -rf "$tmp"
+	vmlinuz=$(ls "$kernel_cache/$pkg"/boot/vmlinuz-* | head -n1)
+fi
+
+# The root file system, cached by what it holds.
+rootfs_tar="$cache/rootfs-$suite-$(echo "$packages" | tr ',' '_').tar"
+if [ ! -s "$rootfs_tar" ]; then
+	echo "debvm: building the $suite root file system"
+	mmdebstrap --quiet --variant=minbase --include="$packages" "$suite" "$cache/partial.tar"
+	mv "$cache/partial.tar" "$rootfs_tar"
+fi
+
+# The package under test.
+dist=${FLUX_AGENT_DIST:-}
+if [ -z "$dist" ]; then
+	(cd "$repo" && go tool -modfile=tools/go.mod goreleaser release --snapshot --clean >/dev/null)
+	dist="$repo/dist"
+fi
+deb=$(ls "$dist"/flux-agent_*_amd64.deb | head -n1)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT INT TERM
+root="$work/root"
+mkdir -p "$root"
+tar -C "$root" -xf "$rootfs_tar"
+mkdir -p "$root/debvm"
+cp "$deb" "$root/debvm/flux-agent.deb"
+(cd "$repo" && CGO_ENABLED=0 go test -c -o "$root/debvm/deb.test" ./e2e/deb)
+
+# The test runs once the system is up and powers the VM off; its exit code
+# goes to the console as one line the host reads.
+cat >"$root/etc/systemd/system/debvm.service" <<EOF
+[Unit]
+Description=flux-agent package test under systemd
+After=redis-server.service
+[Service]
+Type=oneshot
+Environment=FLUX_AGENT_VM_TEST=1 FLUX_AGENT_DEB=/debvm/flux-agent.deb
+ExecStart=/bin/sh -c 'cd /debvm && ./deb.test -test.run TestUnderSystemd -test.v -test.timeout 10m >/dev/ttyS0 2>&1; echo "DEBVM-RESULT: \$?" >/dev/ttyS0; systemctl poweroff --force --force'
+[Install]
+WantedBy=multi-user.target
+EOF
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+ln -sf /etc/systemd/system/debvm.service "$root/etc/systemd/system/multi-user.target.wants/debvm.service"
+# No login prompts on the console.
+ln -sf /dev/null "$root/etc/systemd/system/serial-getty@ttyS0.service"
+ln -sf /dev/null "$root/etc/systemd/system/getty@tty1.service"
+echo debvm >"$root/etc/hostname"
+: >"$root/etc/machine-id"
+[ -e "$root/dev/console" ] || mknod -m 600 "$root/dev/console" c 5 1
+
+# Uncompressed: the kernel unpacks it without a slow decompression in TCG.
+(cd "$root" && find . | cpio -o -H newc --quiet) >"$work/initrd.cpio"
+rm -rf "$root"
+
+echo "debvm: booting $(basename "$vmlinuz") with $(du -h "$work/initrd.cpio" | cut -f1) of root file system"
+log="$work/console.log"
+status=0
+timeout "$timeout_s" qemu-system-x86_64 -accel tcg -nographic -no-reboot -nic none \
+	-m 2048 -smp 2 -kernel "$vmlinuz" -initrd "$work/initrd.cpio" \
+	-append "console=ttyS0 rdinit=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 panic=-1 quiet" \
+	</dev/null | tee "$log" || status=$?
+if [ "$status" -ne 0 ]; then
+	echo "debvm: qemu failed or timed out (status $status)" >&2
+	exit 1
+fi
+result=$(tr -d '\r' <"$log" | sed -n 's/^DEBVM-RESULT: \([0-9]*\)$/\1/p' | tail -n1)
+if [ "$result" != "0" ]; then
+	echo "debvm: FAIL (result '${result:-none}')" >&2
+	exit 1
+fi
+echo "debvm: PASS"
