@@ -1,4 +1,6 @@
 #!/bin/sh
+# The ls globs here match Debian's own file names: plain ls is fine.
+# shellcheck disable=SC2012
 # Proves the .deb under a real systemd: boots Debian 12 (systemd as PID 1,
 # cgroup v2) under QEMU with the root file system as its initramfs, and
 # runs e2e/deb's TestUnderSystemd there. That test installs the package,
@@ -29,6 +31,8 @@ command -v cpio >/dev/null || need="$need cpio"
 if [ -n "$need" ]; then
 	echo "debvm: installing$need"
 	apt-get update -qq
+	# $need is a list of package names: split on purpose.
+	# shellcheck disable=SC2086
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
 
