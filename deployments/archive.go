@@ -115,6 +115,7 @@ type entry struct {
 // name, type, symlink and count is known to be safe, so extraction only has
 // to copy (and count the real bytes).
 type plan struct {
+	steps   int // path elements walked by resolve, against maxResolveSteps
 	byName  map[string]*entry
 	entries []*entry // as the archive lists them, for deterministic errors
 	dirs    []string // every directory, explicit or implied, parents first
@@ -127,6 +128,18 @@ const maxLinkTarget = 4095
 
 // maxLinkHops mirrors the kernel's limit on symlinks followed in one lookup.
 const maxLinkHops = 40
+
+// maxEntryNameLen and maxElemLen keep every installed path well inside the
+// kernel's PATH_MAX (4096) and NAME_MAX (255), whatever apps_dir is.
+const (
+	maxEntryNameLen = 2048
+	maxElemLen      = 255
+)
+
+// maxResolveSteps bounds the work of checking all symlinks of one archive
+// (path elements walked), so a crafted web of links cannot stall a deploy.
+// Real trees need a few per link.
+const maxResolveSteps = 1 << 20
 
 // planArchive checks every entry of zr, an archive of archiveSize bytes. It
 // reads only symlink targets, so a refusal costs no disk and little time.
@@ -203,6 +216,13 @@ func checkEntry(f *zip.File) (*entry, error) {
 		return nil, badEntry(name, "absolute path")
 	case hasDotDot(strings.TrimSuffix(name, "/")):
 		return nil, badEntry(name, "name contains a \"..\" element")
+	case len(name) > maxEntryNameLen:
+		return nil, badEntry(name, "name is %d bytes long, at most %d allowed", len(name), maxEntryNameLen)
+	}
+	for elem := range strings.SplitSeq(name, "/") {
+		if len(elem) > maxElemLen {
+			return nil, badEntry(name, "a path element is %d bytes long, at most %d allowed", len(elem), maxElemLen)
+		}
 	}
 	mode := f.Mode()
 	isDir := strings.HasSuffix(name, "/") || mode.IsDir()
@@ -329,14 +349,17 @@ func (p *plan) checkLink(l *entry) error {
 		return badEntry(l.file.Name, "symlink to %q leads outside the archive through other symlinks", l.target)
 	case errors.Is(err, errLoop):
 		return badEntry(l.file.Name, "symlink to %q is part of a loop", l.target)
+	case errors.Is(err, errTooComplex):
+		return badEntry(l.file.Name, "symlinks too intricate to check (more than %d steps)", maxResolveSteps)
 	}
 	return nil // dangling links are allowed: nothing can ever appear at the target
 }
 
 var (
-	errEscapes = errors.New("path leads outside")
-	errLoop    = errors.New("too many levels of symbolic links")
-	errMissing = errors.New("no such entry")
+	errEscapes    = errors.New("path leads outside")
+	errLoop       = errors.New("too many levels of symbolic links")
+	errMissing    = errors.New("no such entry")
+	errTooComplex = errors.New("symlinks too intricate to check")
 )
 
 // resolve follows rel from the directory at stack through the archive's
@@ -346,6 +369,9 @@ func (p *plan) resolve(stack []string, rel string, hops *int) ([]string, error) 
 	stack = append([]string(nil), stack...)
 	elems := splitPath(rel)
 	for _, elem := range elems {
+		if p.steps++; p.steps > maxResolveSteps {
+			return nil, errTooComplex
+		}
 		if !p.isDir(stack) {
 			return nil, errMissing // a file has no children: ENOTDIR
 		}

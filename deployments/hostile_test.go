@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -48,6 +49,8 @@ func hostileCases() []hostileCase {
 		{name: "dotdot-dir", build: zipped(ok, dir("lib/../")), want: ErrBadArchive, entry: "lib/../"},
 		{name: "backslash", build: zipped(ok, file(`..\..\outside\evil`, "x")), want: ErrBadArchive, entry: `..\..\outside\evil`},
 		{name: "nul-in-name", build: zipped(ok, file("evil\x00.txt", "x")), want: ErrBadArchive, entry: "evil\x00.txt"},
+		{name: "name-too-long", build: zipped(ok, file(strings.Repeat("d/", 1100)+"f", "x")), want: ErrBadArchive, entry: strings.Repeat("d/", 1100) + "f"},
+		{name: "name-element-too-long", build: zipped(ok, file("lib/"+strings.Repeat("n", 256), "x")), want: ErrBadArchive, entry: "lib/" + strings.Repeat("n", 256)},
 		{name: "duplicate-file", build: zipped(ok, file("a.txt", "1"), file("a.txt", "2")), want: ErrBadArchive, entry: "a.txt"},
 		{name: "duplicate-handler", build: zipped(ok, exe("main.sh", "#!/bin/sh\necho second\n")), want: ErrBadArchive, entry: "main.sh"},
 		{name: "duplicate-clean-name", build: zipped(ok, file("lib/a.txt", "1"), file("lib//./a.txt", "2")), want: ErrBadArchive, entry: "lib//./a.txt"},
@@ -356,4 +359,25 @@ func snapshot(t *testing.T, dir string) map[string]string {
 		t.Fatal(err)
 	}
 	return got
+}
+
+// TestIntricateSymlinksStayCheap feeds the symlink checker the worst shapes
+// within the default limits; the step budget must refuse them quickly.
+func TestIntricateSymlinksStayCheap(t *testing.T) {
+	members := []member{exe("main.sh", "x")}
+	// Every link walks a long target through a chain of other links.
+	target := strings.Repeat("d/../", 800) + "l0"
+	members = append(members, dir("d/"))
+	for i := range 2000 {
+		members = append(members, symlink(fmt.Sprintf("l%d", i+1), target))
+	}
+	members = append(members, symlink("l0", "main.sh"))
+	archive := zipOf(t, members...)
+	env := newTestEnv(t, Options{})
+	start := time.Now()
+	_, err := env.store.Deploy(context.Background(), "fn", "main.sh", archive)
+	if !errors.Is(err, ErrBadArchive) {
+		t.Fatalf("Deploy = %v, want ErrBadArchive", err)
+	}
+	t.Logf("refused in %v: %v", time.Since(start), err)
 }
