@@ -25,6 +25,10 @@ type extraction struct {
 	written   atomic.Int64
 }
 
+// errStopped ends a worker because another one's failure ends the extraction;
+// it is never reported.
+var errStopped = errors.New("stopped by another failure")
+
 // extractWorkers write files in parallel: decompression of one file overlaps
 // the write and fsync of others, and concurrent fsyncs share journal commits.
 const extractWorkers = 4
@@ -60,7 +64,7 @@ func inParallel(parent context.Context, count int, newWorker func() func(ctx con
 	}
 	// Report the failure that stopped the others, not their cancellation.
 	for _, err := range errs {
-		if err != nil && !errors.Is(err, context.Canceled) {
+		if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, errStopped) {
 			return err
 		}
 	}
@@ -150,7 +154,10 @@ func (x *extraction) copy(ctx context.Context, e *entry, dst io.Writer, src io.R
 	for {
 		n, rerr := fill(src, buf)
 		if n > 0 {
-			if x.written.Add(int64(n)) > x.budget {
+			if total := x.written.Add(int64(n)); total > x.budget {
+				if total-int64(n) > x.budget {
+					return errStopped // another file crossed the budget first and is the one to name
+				}
 				return &EntryError{Entry: e.file.Name, Reason: "archive unpacks to " + x.overLimit, Err: ErrTooLarge}
 			}
 			if _, err := dst.Write(buf[:n]); err != nil {
