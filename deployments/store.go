@@ -372,7 +372,7 @@ func (s *Store) Deploy(ctx context.Context, name, handler string, archive []byte
 	case fn.deploying <- struct{}{}:
 		defer func() { <-fn.deploying }()
 	case <-ctx.Done():
-		return Deployment{}, fmt.Errorf("deploy %q: waiting for an earlier deploy: %w", name, context.Cause(ctx))
+		return Deployment{}, fmt.Errorf("waiting for an earlier deploy of the function: %w", context.Cause(ctx))
 	}
 
 	digest := digestOf(handler, archive)
@@ -389,9 +389,9 @@ func (s *Store) Deploy(ctx context.Context, name, handler string, archive []byte
 		if cause := context.Cause(ctx); cause != nil && errors.Is(err, ctx.Err()) {
 			err = cause // ErrClosed rather than "context canceled" when Close stopped it
 		}
-		return Deployment{}, fmt.Errorf("deploy %q: %w", name, err)
+		return Deployment{}, err // the caller names the function
 	}
-	s.log.Info("deployed function", "function", name, "version", rec.Version,
+	s.log.Debug("installed version", "function", name, "version", rec.Version,
 		"files", rec.Files, "bytes", rec.Bytes, "duration", time.Since(start))
 	s.collect(name, fn)
 	return Deployment{Version: rec.Version, Files: rec.Files, Bytes: rec.Bytes}, nil
