@@ -68,12 +68,24 @@ func TestHealthAndNodeStatus(t *testing.T) {
 	}
 
 	// Redis gone: unhealthy, not an error.
+	install(t, c, fn{Name: "known", Script: "true\n"})
 	rs.Client.ShutdownNoSave(ctx)
 	if !waitUntil(10*time.Second, func() bool {
 		h, err := c.HealthCheck(ctx, &fluxpb.HealthCheckRequest{})
 		return err == nil && !h.GetHealthy()
 	}) {
 		t.Errorf("HealthCheck still healthy with Redis down")
+	}
+	// Executions cannot be recorded: refused as the agent being unavailable,
+	// and nothing is left counted as running.
+	for _, name := range []string{"known", "unknown"} {
+		_, err = c.ExecuteFunction(ctx, &fluxpb.ExecutionRequest{FunctionName: name, ExecutionId: newID()})
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("ExecuteFunction(%s) with Redis down: %v, want Unavailable", name, err)
+		}
+	}
+	if st, err := c.ReportNodeStatus(ctx, &fluxpb.NodeStatusRequest{}); err != nil || st.GetActiveTasks() != 0 {
+		t.Errorf("node status with Redis down: %v %v", st, err)
 	}
 }
 
