@@ -177,7 +177,7 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 			MaxFiles: cfg.Deploy.MaxFiles,
 			MaxRatio: cfg.Deploy.MaxRatio,
 		},
-		Keep:   cfg.Deploy.KeepVersions,
+		Keep:   keepVersions(cfg.Deploy.KeepVersions),
 		Logger: logger,
 	})
 	if err != nil {
@@ -299,6 +299,15 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	}
 	logger.Info("flux-agent stopped")
 	return shutdownErr
+}
+
+// keepVersions maps deploy.keep_versions (0 = keep none) to
+// deployments.Options.Keep (0 = its default, negative = none).
+func keepVersions(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 func nodeSample(s *nodeinfo.Sampler) func(context.Context) (telemetry.NodeSample, error) {
