@@ -87,8 +87,12 @@ func (l *Lease) Release() {
 		}
 		s.mu.Unlock()
 		if stale {
-			defer s.inflight.Done()
-			s.collect(l.function, fn)
+			// Removing a big old version must not hold up the execution
+			// that released it; Close waits for it (inflight).
+			go func() {
+				defer s.inflight.Done()
+				s.collect(l.function, fn)
+			}()
 		}
 	})
 }

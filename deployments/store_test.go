@@ -33,6 +33,20 @@ func versionsOnDisk(t *testing.T, apps, name string) []string {
 	return got
 }
 
+// settledVersionsOnDisk waits (with a deadline) until the versions on disk
+// satisfy ok: old versions are removed in the background after a release.
+func settledVersionsOnDisk(t *testing.T, apps, name string, ok func([]string) bool) []string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := versionsOnDisk(t, apps, name)
+		if ok(got) || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func TestDeployInstallsFilesWithModes(t *testing.T) {
 	env := newTestEnv(t, Options{})
 	archive := zipOf(t,
@@ -151,7 +165,8 @@ func TestDeployDuringExecution(t *testing.T) {
 
 	running.Release()
 	running.Release() // idempotent: must not release someone else's pin
-	if got := versionsOnDisk(t, env.apps, "fn"); !cmp.Equal(got, []string{latest.Version}) {
+	want := []string{latest.Version}
+	if got := settledVersionsOnDisk(t, env.apps, "fn", func(v []string) bool { return cmp.Equal(v, want) }); !cmp.Equal(got, want) {
 		t.Errorf("after release, versions on disk = %v, want only %s", got, latest.Version)
 	}
 	if _, err := os.Stat(next.Dir); err != nil {
@@ -209,7 +224,7 @@ func TestConcurrentDeploys(t *testing.T) {
 		seen[results[i].Version] = true
 	}
 	for _, name := range []string{"one", "two"} {
-		got := versionsOnDisk(t, env.apps, name)
+		got := settledVersionsOnDisk(t, env.apps, name, func(v []string) bool { return len(v) == 2 })
 		if len(got) != 2 {
 			t.Errorf("%s: versions on disk = %v, want current + 1 kept", name, got)
 		}
