@@ -23,6 +23,8 @@ import (
 	"github.com/sethvargo/go-envconfig"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/serverless-fabric/flux-agent/deployments"
+	"github.com/serverless-fabric/flux-agent/sandbox"
 	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
@@ -37,15 +39,11 @@ const (
 	DefaultShutdownGrace = 30 * time.Second
 	DefaultQueueLimit    = 1000
 	DefaultRunAsUser     = "flux-runner"
-	DefaultPidsLimit     = 1024
-	DefaultKillGrace     = 2 * time.Second
-	DefaultMaxDeployMiB  = 1024
-	DefaultMaxDeployFile = 20000
-	DefaultMaxDeployRate = 200
-	DefaultKeepVersions  = 2
 	DefaultLogFormat     = "json"
 	DefaultLogLevel      = "info"
 	envPrefix            = "FLUX_AGENT_"
+	// MaxOutputLimit keeps a sync ExecutionResponse under Flux's 50 MiB.
+	MaxOutputLimit = 48 << 20
 )
 
 // Config is the agent's whole configuration: a YAML file, then environment
@@ -138,14 +136,14 @@ func DefaultConfig() Config {
 		Network:       NetworkConfig{PublicIPURL: DefaultPublicIPURL},
 		Sandbox: SandboxConfig{
 			RunAsUser: DefaultRunAsUser,
-			PidsLimit: DefaultPidsLimit,
-			KillGrace: DefaultKillGrace,
+			PidsLimit: sandbox.DefaultPidsLimit,
+			KillGrace: sandbox.DefaultKillGrace,
 		},
 		Deploy: DeployConfig{
-			MaxBytes:     DefaultMaxDeployMiB << 20,
-			MaxFiles:     DefaultMaxDeployFile,
-			MaxRatio:     DefaultMaxDeployRate,
-			KeepVersions: DefaultKeepVersions,
+			MaxBytes:     deployments.DefaultMaxBytes,
+			MaxFiles:     deployments.DefaultMaxFiles,
+			MaxRatio:     deployments.DefaultMaxRatio,
+			KeepVersions: deployments.DefaultKeep,
 		},
 		Telemetry: TelemetryConfig{MetricsAddress: telemetry.DefaultMetricsAddress},
 		Log:       LogConfig{Format: DefaultLogFormat, Level: DefaultLogLevel},
@@ -328,8 +326,8 @@ func (c *Config) Validate() error {
 	if c.ExecutionTTL < time.Second {
 		bad("execution_ttl", "must be at least 1s, got %s", c.ExecutionTTL)
 	}
-	if c.OutputLimit < 1024 {
-		bad("output_limit", "must be at least 1KiB, got %d bytes", c.OutputLimit)
+	if c.OutputLimit < 1024 || c.OutputLimit > MaxOutputLimit {
+		bad("output_limit", "must be between 1KiB and %s (a sync reply must fit Flux's 50 MiB messages), got %s", ByteSize(MaxOutputLimit), c.OutputLimit)
 	}
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace", "must not be negative, got %s", c.ShutdownGrace)
@@ -416,6 +414,12 @@ func (c *Config) RedisOptions() (*redis.UniversalOptions, error) {
 		return &redis.UniversalOptions{
 			Addrs: []string{o.Addr}, Username: o.Username, Password: o.Password,
 			DB: o.DB, TLSConfig: o.TLSConfig, MasterName: c.RedisMasterName,
+			ClientName: o.ClientName, Protocol: o.Protocol,
+			DialTimeout: o.DialTimeout, ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout,
+			PoolSize: o.PoolSize, MinIdleConns: o.MinIdleConns, MaxRetries: o.MaxRetries,
+			// Deadlines of the agent's contexts (health checks, final
+			// writes) must bound socket reads too.
+			ContextTimeoutEnabled: true,
 		}, nil
 	}
 	var addrs []string
@@ -426,7 +430,7 @@ func (c *Config) RedisOptions() (*redis.UniversalOptions, error) {
 		}
 		addrs = append(addrs, a)
 	}
-	return &redis.UniversalOptions{Addrs: addrs, MasterName: c.RedisMasterName}, nil
+	return &redis.UniversalOptions{Addrs: addrs, MasterName: c.RedisMasterName, ContextTimeoutEnabled: true}, nil
 }
 
 // TLSServerConfig is the mTLS setup Flux expects: our certificate, a

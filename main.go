@@ -72,6 +72,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// After the first signal the default action is back: a second Ctrl-C
+	// or SIGTERM ends the agent at once, without the graceful shutdown.
+	context.AfterFunc(ctx, stop)
 
 	cfg, err := LoadConfig(ctx, envconfig.OsLookuper())
 	switch fs.Arg(0) {
@@ -257,6 +260,14 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		logger.Warn("isolation metric not registered", "error", err)
 	}
 
+	settleCtx, cancelSettle := context.WithTimeout(ctx, 10*time.Second)
+	if n, err := svc.Settle(settleCtx); err != nil {
+		logger.Warn("executions left running by an earlier run were not settled", "error", err)
+	} else if n > 0 {
+		logger.Warn("marked executions left running by an earlier run as failed", "count", n)
+	}
+	cancelSettle()
+
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- server.Serve(lis) }()
 	logger.Info("flux-agent started",
@@ -275,27 +286,28 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	case err := <-serveErr:
 		return fmt.Errorf("grpc server: %w", err)
 	}
+	// Executions drain first while the server still answers Flux's
+	// GetExecution, CancelExecution and HealthCheck (now unhealthy).
 	healthServer.Shutdown()
 	graceCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownGrace)
 	defer cancel()
+	svc.Shutdown(graceCtx)
 	stopped := make(chan struct{})
 	go func() {
-		// Stops accepting at once; returns when in-flight RPCs (sync
-		// executions among them) are answered.
 		server.GracefulStop()
 		close(stopped)
 	}()
-	shutdownErr := svc.Shutdown(graceCtx)
 	select {
 	case <-stopped:
 	case <-time.After(time.Second):
-		server.Stop()
+		server.Stop() // a client holding a stream open must not hold us
 		<-stopped
 	}
+	var shutdownErr error
 	if metricsServer != nil {
 		closeCtx, cancelClose := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 		defer cancelClose()
-		shutdownErr = errors.Join(shutdownErr, metricsServer.Close(closeCtx))
+		shutdownErr = metricsServer.Close(closeCtx)
 	}
 	logger.Info("flux-agent stopped")
 	return shutdownErr

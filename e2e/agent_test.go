@@ -446,25 +446,42 @@ func TestOutputLimit(t *testing.T) {
 
 func TestShutdownWritesFinalStatus(t *testing.T) {
 	rs := startRedis(t)
-	a := startAgent(t, rs, agentOptions{YAML: "shutdown_grace: 1s\n"})
+	a := startAgent(t, rs, agentOptions{YAML: "shutdown_grace: 3s\n"})
 	c := a.client(t)
+	tr := newTrigger(t)
 	install(t, c, fn{Name: "forever", Script: "echo up\nsleep 600\n"})
-	install(t, c, fn{Name: "quick", Script: "sleep 0.3\necho quick done\n"})
+	install(t, c, fn{Name: "quick", Script: "echo waiting\n" + tr.waitScript() + "echo quick done\n"})
 	long := execAsync(t, c, "forever")
 	short := execAsync(t, c, "quick")
 	waitRecord(t, c, long, 5*time.Second, "up", func(r *record) bool { return r.Output == "up\n" })
+	waitRecord(t, c, short, 5*time.Second, "waiting", func(r *record) bool { return r.Output == "waiting\n" })
 	start := time.Now()
 	a.cmd.Process.Signal(syscall.SIGTERM)
+	// During the grace Flux still reads live output and health, and new
+	// executions are refused.
+	if !waitUntil(2*time.Second, func() bool {
+		h, err := c.HealthCheck(context.Background(), &fluxpb.HealthCheckRequest{})
+		return err == nil && !h.GetHealthy()
+	}) {
+		t.Errorf("HealthCheck during the grace is not answered unhealthy")
+	}
+	if rec := getRecord(t, c, short); rec.Status != "running" {
+		t.Errorf("GetExecution during the grace: %+v", rec)
+	}
+	if _, err := c.ExecuteFunction(context.Background(), &fluxpb.ExecutionRequest{FunctionName: "quick", ExecutionId: newID()}); status.Code(err) != codes.Unavailable {
+		t.Errorf("a new execution during the grace: %v, want Unavailable", err)
+	}
+	tr.fire(t)
 	<-a.exited
 	if a.exitErr != nil {
 		t.Errorf("agent exit: %v", a.exitErr)
 	}
 	if d := time.Since(start); d > 15*time.Second {
-		t.Errorf("shutdown took %s with a 1s grace", d)
+		t.Errorf("shutdown took %s with a 3s grace", d)
 	}
 	a.start(nil)
 	c = a.client(t)
-	if rec := getRecord(t, c, short); rec.Status != "success" || rec.Output != "quick done\n" {
+	if rec := getRecord(t, c, short); rec.Status != "success" || rec.Output != "waiting\nquick done\n" {
 		t.Errorf("the short execution did not finish within the grace: %+v", rec)
 	}
 	if rec := getRecord(t, c, long); rec.Status != "cancelled" || !strings.Contains(rec.Error, "shut down") {
@@ -499,5 +516,49 @@ func TestRedeployWhileRunning(t *testing.T) {
 	}
 	if entries, err := os.ReadDir(filepath.Join(a.AppsDir, "app")); err != nil || len(entries) == 0 {
 		t.Errorf("apps dir: %v %v", entries, err)
+	}
+}
+
+// An agent killed outright (SIGKILL, a crash) leaves records saying
+// running; the next start settles them as failed instead of leaving Flux
+// waiting until they expire.
+func TestCrashedAgentsExecutionsAreSettled(t *testing.T) {
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{AgentID: "agent-crash"})
+	c := a.client(t)
+	install(t, c, fn{Name: "long", Script: "echo up\nsleep 600\n"})
+	id := execAsync(t, c, "long")
+	waitRecord(t, c, id, 5*time.Second, "up", func(r *record) bool { return r.Output == "up\n" })
+	a.cmd.Process.Kill()
+	<-a.exited
+	a.start(nil)
+	c = a.client(t)
+	rec := getRecord(t, c, id)
+	if rec == nil || rec.Status != "failed" || !strings.Contains(rec.Error, "agent stopped") || rec.Output != "up\n" {
+		t.Errorf("record after the crash: %+v", rec)
+	}
+}
+
+// A sync caller whose deadline passes (Flux's HTTP request timing out)
+// takes its execution with it, and the slot comes back.
+func TestSyncCallerGivesUp(t *testing.T) {
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{})
+	c := a.client(t)
+	install(t, c, fn{Name: "slow", Script: "echo started\nsleep 600\n",
+		Config: &fluxpb.FunctionConfig{MaxConcurrency: 1}})
+	id := newID()
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	_, err := c.ExecuteFunction(ctx, &fluxpb.ExecutionRequest{FunctionName: "slow", ExecutionId: id})
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("ExecuteFunction: %v, want the caller's deadline", err)
+	}
+	rec := waitRecord(t, c, id, 5*time.Second, "final", isFinal)
+	if rec.Status != "cancelled" || !strings.Contains(rec.Error, "caller gave up") {
+		t.Errorf("record: %+v", rec)
+	}
+	if !waitUntil(5*time.Second, func() bool { return activeTasks(t, c) == 0 }) {
+		t.Errorf("the slot was not freed")
 	}
 }

@@ -2,14 +2,12 @@ package service
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"go.opentelemetry.io/otel/codes"
@@ -87,51 +85,44 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	// A slot (or a place in the queue) first: an execution is active only
+	// once it can run or wait, and Shutdown sees a queued one as queued.
+	name, limit := fn.GetName(), int(fn.GetMaxConcurrency())
+	var w *waiter
+	if req.GetAsync() && fn.GetMaxConcurrencyBehavior() == BehaviorWait {
+		w, err = s.slots.enqueue(name, limit)
+	} else {
+		err = s.slots.tryAcquire(name, limit)
+	}
+	if err != nil {
+		return s.refuse(ctx, req, err)
+	}
 	e := &execution{
 		id:       req.GetExecutionId(),
 		fn:       fn,
 		args:     slices.Clone(req.GetArgs()),
 		async:    req.GetAsync(),
-		logger:   s.logger.With("execution_id", req.GetExecutionId(), "function", fn.GetName()),
+		logger:   s.logger.With("execution_id", req.GetExecutionId(), "function", name),
+		queued:   w != nil && !isClosed(w.ready),
 		done:     make(chan struct{}),
 		cancelCh: make(chan struct{}),
 	}
 	if err := s.admit(e); err != nil {
+		s.giveBack(name, w)
 		return nil, toStatus(err)
 	}
-	// From here every path ends in s.forget(e).
-
-	limit := int(fn.GetMaxConcurrency())
-	var w *waiter
-	if e.async && fn.GetMaxConcurrencyBehavior() == BehaviorWait {
-		w, err = s.slots.enqueue(fn.GetName(), limit)
-	} else {
-		err = s.slots.tryAcquire(fn.GetName(), limit)
-	}
-	if err != nil {
-		s.forget(e)
-		return s.refuse(ctx, req, err)
-	}
-	release := func() {
-		if w == nil || !s.slots.leave(w) {
-			s.slots.release(fn.GetName())
-		}
-	}
-	queued := w != nil && !isClosed(w.ready)
-	e.mu.Lock() // Shutdown may already look at it
-	e.queued = queued
-	e.mu.Unlock()
+	// From here every path ends in s.retire(e).
 	e.rec = Record{
 		ExecutionID:  e.id,
 		AgentID:      s.opts.AgentID,
-		FunctionName: fn.GetName(),
+		FunctionName: name,
 		Status:       StatusRunning,
 		StartedAt:    time.Now().UTC(),
 		Async:        e.async,
-		Queued:       queued,
+		Queued:       e.queued,
 	}
 	ctx, span := s.tracer.Start(ctx, telemetry.SpanExecution, trace.WithAttributes(
-		telemetry.AttrFunction.String(fn.GetName()),
+		telemetry.AttrFunction.String(name),
 		telemetry.AttrExecutionID.String(e.id),
 		telemetry.AttrAsync.Bool(e.async),
 	))
@@ -140,8 +131,8 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 	}
 	created, err := s.state.createRecord(ctx, &e.rec)
 	if err != nil || !created {
-		release()
-		s.forget(e)
+		s.giveBack(name, w)
+		s.retire(e)
 		if err == nil {
 			err = fmt.Errorf("%w: %s", ErrDuplicateExecution, e.id)
 		} else {
@@ -151,7 +142,7 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 		span.End()
 		return nil, toStatus(err)
 	}
-	s.metrics.ExecutionStarted(ctx, fn.GetName(), e.async)
+	s.metrics.ExecutionStarted(ctx, name, e.async)
 	if e.async {
 		go s.run(context.WithoutCancel(ctx), span, e, w)
 		return &fluxpb.ExecutionResponse{}, nil
@@ -180,11 +171,21 @@ func (s *Service) admit(e *execution) error {
 	return nil
 }
 
-func (s *Service) forget(e *execution) {
+// retire ends an admitted execution: whoever waits on done (a cancel) may
+// read its record, and it no longer counts as active.
+func (s *Service) retire(e *execution) {
+	close(e.done)
 	s.mu.Lock()
 	delete(s.active, e.id)
 	s.mu.Unlock()
 	s.wg.Done()
+}
+
+// giveBack returns a slot, or a place in the queue, never used.
+func (s *Service) giveBack(function string, w *waiter) {
+	if w == nil || !s.slots.leave(w) {
+		s.slots.release(function)
+	}
 }
 
 // refuse answers an execution that cannot start. Flux ignores the error of
@@ -219,36 +220,31 @@ func (s *Service) refuse(ctx context.Context, req *fluxpb.ExecutionRequest, caus
 // run takes an admitted execution from its queue (if any) to its final
 // record. It owns e.rec and the slot.
 func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *waiter) {
-	defer s.forget(e)
-	defer close(e.done)
+	defer s.retire(e)
 	defer span.End()
 	name := e.fn.GetName()
 
-	if w != nil {
-		if e.queued {
-			s.metrics.QueuedAdd(ctx, name, 1)
-		}
+	if e.queued {
+		s.metrics.QueuedAdd(ctx, name, 1)
 		select {
 		case <-w.ready:
 		case <-e.cancelCh:
 			if s.slots.leave(w) {
 				s.metrics.QueuedAdd(ctx, name, -1)
-				s.finish(ctx, span, e, nil, outputStats{}, nil)
+				s.finish(ctx, span, e, nil, outputStats{}, nil, 0, nil)
 				return
 			}
 		}
-		if e.queued {
-			s.metrics.QueuedAdd(ctx, name, -1)
-			e.mu.Lock()
-			e.queued = false
-			e.mu.Unlock()
-			e.rec.Queued = false
-			e.rec.QueuedMS = time.Since(e.rec.StartedAt).Milliseconds()
-			span.SetAttributes(telemetry.AttrQueuedMS.Int64(e.rec.QueuedMS))
-			if err := s.state.updateRecord(ctx, &e.rec); err != nil {
-				s.metrics.RedisError(ctx, "update_record")
-				e.logger.WarnContext(ctx, "record not updated", "error", err)
-			}
+		s.metrics.QueuedAdd(ctx, name, -1)
+		e.mu.Lock()
+		e.queued = false
+		e.mu.Unlock()
+		e.rec.Queued = false
+		e.rec.QueuedMS = time.Since(e.rec.StartedAt).Milliseconds()
+		span.SetAttributes(telemetry.AttrQueuedMS.Int64(e.rec.QueuedMS))
+		if err := s.state.updateRecord(ctx, &e.rec); err != nil {
+			s.metrics.RedisError(ctx, "update_record")
+			e.logger.WarnContext(ctx, "record not updated", "error", err)
 		}
 	}
 	defer s.slots.release(name)
@@ -256,26 +252,26 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 	defer s.metrics.RunningAdd(ctx, name, -1)
 
 	if _, cancelled := e.cancelReason(); cancelled {
-		s.finish(ctx, span, e, nil, outputStats{}, nil)
+		s.finish(ctx, span, e, nil, outputStats{}, nil, 0, nil)
 		return
 	}
 	lease, err := s.opts.Deployments.Acquire(name)
 	if err != nil {
-		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("function %s has no deployed code: %w", name, err))
+		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("function %s has no deployed code: %w", name, err), 0, nil)
 		return
 	}
 	defer lease.Release()
 	e.rec.CodeVersion = lease.Version
 	path, err := lease.Handler(e.fn.GetHandler())
 	if err != nil {
-		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("handler: %w", err))
+		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("handler: %w", err), 0, nil)
 		return
 	}
 
 	sink := newOutputSink(s.opts.OutputLimit, !e.async)
 	flusher := startOutputFlusher(ctx, &outputFlusher{
 		sink: sink, state: s.state, id: e.id, logger: e.logger,
-		onErr: func(ctx context.Context) { s.metrics.RedisError(ctx, "append_output") },
+		onErr: func(ctx context.Context) { s.metrics.RedisError(ctx, "write_output") },
 	})
 	startCtx, startSpan := s.tracer.Start(ctx, telemetry.SpanSandboxStart)
 	proc, err := s.opts.Sandbox.Start(startCtx, sandbox.Spec{
@@ -292,8 +288,8 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 	if err != nil {
 		startSpan.SetStatus(codes.Error, err.Error())
 		startSpan.End()
-		flusher.stop()
-		s.finish(ctx, span, e, nil, sink.stats(), fmt.Errorf("start: %w", err))
+		offset := flusher.stop()
+		s.finish(ctx, span, e, nil, sink.stats(), fmt.Errorf("start: %w", err), offset, sink.take())
 		return
 	}
 	startSpan.SetAttributes(telemetry.AttrPID.Int(proc.Pid()))
@@ -312,13 +308,14 @@ func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *wai
 	waitSpan.SetAttributes(telemetry.AttrExitCode.Int(res.ExitCode), telemetry.AttrOOMKilled.Bool(res.OOMKilled),
 		telemetry.AttrTimedOut.Bool(res.TimedOut), telemetry.AttrCancelled.Bool(res.Cancelled))
 	waitSpan.End()
-	flusher.stop()
-	s.finish(ctx, span, e, &res, sink.stats(), nil, sink.take()...)
+	offset := flusher.stop()
+	s.finish(ctx, span, e, &res, sink.stats(), nil, offset, sink.take())
 }
 
 // finish turns how an execution ended into its final record, response,
-// span status and metrics. res is nil when no process ran.
-func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res *sandbox.Result, out outputStats, startErr error, lastChunk ...byte) {
+// span status and metrics. res is nil when no process ran; the output not
+// yet in Redis (lastChunk) goes at offset.
+func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res *sandbox.Result, out outputStats, startErr error, offset int64, lastChunk []byte) {
 	now := time.Now().UTC()
 	rec := &e.rec
 	rec.StatusAt = &now
@@ -343,13 +340,7 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 		rec.DurationMS = res.WallTime.Milliseconds()
 		rec.Status, rec.Error = outcome(res, e.fn, cancelMsg)
 	}
-
-	writeCtx, cancel := context.WithTimeout(ctx, finalWriteTimeout)
-	defer cancel()
-	if err := s.state.finishRecord(writeCtx, rec, lastChunk); err != nil {
-		s.metrics.RedisError(ctx, "finish_record")
-		e.logger.ErrorContext(ctx, "final record not written", "status", rec.Status, "error", err)
-	}
+	s.writeFinal(ctx, e, offset, lastChunk)
 	if !e.async {
 		e.resp = &fluxpb.ExecutionResponse{Output: out.all, Error: rec.Error, DurationMs: rec.DurationMS}
 	}
@@ -386,7 +377,38 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 		"duration_ms", rec.DurationMS, "output_bytes", rec.OutputBytes, "async", e.async)
 }
 
-// outcome names the status and error of a process that ran.
+// finalWriteRetry is the first pause between tries of a final write; it
+// doubles up to finalWriteTimeout in all.
+const finalWriteRetry = 100 * time.Millisecond
+
+// writeFinal stores the final record, retrying through a short Redis
+// outage: a record left "running" would mislead Flux until its TTL. What
+// still fails is settled as failed at the agent's next start.
+func (s *Service) writeFinal(ctx context.Context, e *execution, offset int64, lastChunk []byte) {
+	ctx, cancel := context.WithTimeout(ctx, finalWriteTimeout)
+	defer cancel()
+	pause := finalWriteRetry
+	for {
+		err := s.state.finishRecord(ctx, &e.rec, offset, lastChunk)
+		if err == nil {
+			return
+		}
+		s.metrics.RedisError(ctx, "finish_record")
+		retry := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			retry.Stop()
+			e.logger.ErrorContext(ctx, "final record not written", "status", e.rec.Status, "error", err)
+			return
+		case <-retry.C:
+			pause *= 2
+		}
+	}
+}
+
+// outcome names the status and error of a process that ran. The sandbox
+// words what it measured (OOM against the limit it applied, signals, exit
+// codes); the service words what it decided (timeouts, cancels).
 func outcome(res *sandbox.Result, fn *fluxpb.FunctionConfig, cancelMsg string) (status, errText string) {
 	switch {
 	case res.Cancelled:
@@ -394,17 +416,13 @@ func outcome(res *sandbox.Result, fn *fluxpb.FunctionConfig, cancelMsg string) (
 			cancelMsg = "cancelled"
 		}
 		return StatusCancelled, cancelMsg
-	case res.OOMKilled:
-		return StatusFailed, fmt.Sprintf("out of memory: exceeded the %d MiB limit", fn.GetMemoryMb())
-	case res.TimedOut:
+	case res.TimedOut && !res.OOMKilled:
 		return StatusFailed, fmt.Sprintf("execution timed out after %ds", fn.GetTimeoutSeconds())
-	case res.Signal != 0:
-		return StatusFailed, fmt.Sprintf("killed by signal %d (%s), exit code %d", res.Signal, syscall.Signal(res.Signal), res.ExitCode)
-	case res.ExitCode != 0:
-		return StatusFailed, fmt.Sprintf("exit code %d", res.ExitCode)
-	default:
-		return StatusSuccess, ""
 	}
+	if err := res.Err(); err != nil {
+		return StatusFailed, err.Error()
+	}
+	return StatusSuccess, ""
 }
 
 // limits maps a function's config to sandbox limits; 0 means none.
@@ -455,7 +473,11 @@ func (s *Service) CancelExecution(ctx context.Context, req *fluxpb.CancelExecuti
 	case <-ctx.Done():
 		return &fluxpb.CancelExecutionResponse{Success: true, Message: "execution " + id + " is being cancelled"}, nil
 	}
-	if e.rec.Status != StatusCancelled {
+	switch e.rec.Status {
+	case StatusCancelled:
+	case "":
+		return &fluxpb.CancelExecutionResponse{Message: "execution " + id + " did not start"}, nil
+	default:
 		return &fluxpb.CancelExecutionResponse{Message: fmt.Sprintf("execution %s finished before it could be cancelled (status %s)", id, e.rec.Status)}, nil
 	}
 	return &fluxpb.CancelExecutionResponse{Success: true, Message: "execution " + id + " cancelled"}, nil
@@ -466,11 +488,8 @@ func (s *Service) notRunning(ctx context.Context, id string) string {
 	if !executionIDPattern.MatchString(id) {
 		return fmt.Sprintf("execution %q is not running on this agent", id)
 	}
-	if data, found, err := s.state.recordJSON(ctx, id); err == nil && found {
-		var rec Record
-		if jsonErr := json.Unmarshal(data, &rec); jsonErr == nil && rec.Final() {
-			return fmt.Sprintf("execution %s already finished (status %s)", id, rec.Status)
-		}
+	if rec, err := s.state.record(ctx, id); err == nil && rec != nil && rec.Final() {
+		return fmt.Sprintf("execution %s already finished (status %s)", id, rec.Status)
 	}
 	return fmt.Sprintf("execution %s is not running on this agent", id)
 }

@@ -101,7 +101,15 @@ func (o *outputSink) stats() outputStats {
 	return outputStats{total: o.total, truncated: o.truncated, all: o.all}
 }
 
+// outputWriteTimeout bounds one write of live output; a Redis that hangs
+// delays live output, never the execution.
+const outputWriteTimeout = 5 * time.Second
+
+// outputRetryInterval paces retries while Redis refuses writes.
+const outputRetryInterval = time.Second
+
 // outputFlusher streams an execution's new output to Redis while it runs.
+// It owns the output's write offset until stop returns.
 type outputFlusher struct {
 	sink   *outputSink
 	state  *state
@@ -109,12 +117,13 @@ type outputFlusher struct {
 	logger *slog.Logger
 	onErr  func(ctx context.Context)
 
-	cancel context.CancelFunc
-	done   chan struct{}
+	written int64 // bytes of output in Redis
+	quit    chan struct{}
+	done    chan struct{}
 }
 
 func startOutputFlusher(ctx context.Context, f *outputFlusher) *outputFlusher {
-	ctx, f.cancel = context.WithCancel(ctx)
+	f.quit = make(chan struct{})
 	f.done = make(chan struct{})
 	go f.run(ctx)
 	return f
@@ -122,35 +131,49 @@ func startOutputFlusher(ctx context.Context, f *outputFlusher) *outputFlusher {
 
 func (f *outputFlusher) run(ctx context.Context) {
 	defer close(f.done)
-	pace := time.NewTimer(0)
+	failing := false
+	pace := time.NewTimer(outputFlushInterval)
 	defer pace.Stop()
 	for {
 		select {
-		case <-ctx.Done():
+		case <-f.quit:
 			return
 		case <-f.sink.ready:
 		}
+		wait := outputFlushInterval
 		if chunk := f.sink.take(); len(chunk) > 0 {
-			if err := f.state.appendOutput(ctx, f.id, chunk); err != nil {
+			writeCtx, cancel := context.WithTimeout(ctx, outputWriteTimeout)
+			err := f.state.writeOutput(writeCtx, f.id, f.written, chunk)
+			cancel()
+			switch {
+			case err != nil:
 				f.sink.putBack(chunk)
-				if ctx.Err() == nil {
-					f.logger.WarnContext(ctx, "live output not written; retrying", "error", err)
-					f.onErr(ctx)
+				f.onErr(ctx)
+				if !failing {
+					f.logger.WarnContext(ctx, "live output not written; retrying every second", "error", err)
 				}
+				failing, wait = true, outputRetryInterval
+			default:
+				f.written += int64(len(chunk))
+				if failing {
+					f.logger.InfoContext(ctx, "live output written again")
+				}
+				failing = false
 			}
 		}
-		pace.Reset(outputFlushInterval)
+		pace.Reset(wait)
 		select {
-		case <-ctx.Done():
+		case <-f.quit:
 			return
 		case <-pace.C:
 		}
 	}
 }
 
-// stop ends the flusher and waits for its last write, so the caller can
-// send what is left after it, in order.
-func (f *outputFlusher) stop() {
-	f.cancel()
+// stop ends the flusher after the write under way, if any, and returns the
+// offset where the rest of the output goes.
+func (f *outputFlusher) stop() int64 {
+	close(f.quit)
 	<-f.done
+	return f.written
 }

@@ -1,6 +1,7 @@
 package service
 
 import (
+	"bytes"
 	"encoding/json"
 	"time"
 )
@@ -47,9 +48,36 @@ type Record struct {
 // Final reports whether the record holds a final status.
 func (r *Record) Final() bool { return r.Status != StatusRunning }
 
+// maxRecordBytes bounds a rendered record so a GetExecution reply stays
+// under the 50 MiB Flux accepts: JSON turns each control or invalid UTF-8
+// byte of output into up to six.
+const maxRecordBytes = 48 << 20
+
+// outputCutMarker ends output that was cut to fit the record's budget.
+const outputCutMarker = "\n[flux-agent: output cut to fit the reply]\n"
+
 // marshalWithOutput renders the record as Flux reads it, with the output
-// that is stored apart from it.
-func (r Record) marshalWithOutput(output []byte) ([]byte, error) {
+// that is stored apart from it, in at most budget bytes. HTML is not
+// escaped (a function printing HTML would otherwise pay six bytes for each
+// '<').
+func (r Record) marshalWithOutput(output []byte, budget int) ([]byte, error) {
+	data, err := encodeRecord(r, output)
+	for cut := len(output); err == nil && len(data) > budget && cut > 0; {
+		// Shrink in proportion to the overshoot, with some slack, until it
+		// fits; a few rounds at most.
+		cut = int(int64(cut) * int64(budget) / int64(len(data)) * 9 / 10)
+		data, err = encodeRecord(r, append(output[:cut:cut], outputCutMarker...))
+	}
+	return data, err
+}
+
+func encodeRecord(r Record, output []byte) ([]byte, error) {
 	r.Output = string(output)
-	return json.Marshal(r)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(r); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }

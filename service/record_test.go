@@ -1,10 +1,12 @@
 package service
 
 import (
+	"bytes"
 	"encoding/json"
 	"flag"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,7 +55,7 @@ func TestRecordJSON(t *testing.T) {
 			DurationMS: 1500, StartedAt: started, StatusAt: &ended, ExitCode: &exit0, PeakMemoryBytes: 48234496,
 			CPUTimeMS: 320, OutputBytes: 12, CodeVersion: "000003-5f2c9a1b7e40", TraceID: "4bf92f3577b34da6a3ce929d0e0e4736",
 			QueuedMS: 250,
-		}, "hello \"json\"\n"},
+		}, "hello \"json\" <b>&</b>\n"},
 		{"oom.json", Record{
 			ExecutionID: "exc-3", AgentID: "agent-7f3a", FunctionName: "hog", Status: StatusFailed,
 			Error: "out of memory: exceeded the 64 MiB limit", DurationMS: 812, StartedAt: started, StatusAt: &ended,
@@ -67,7 +69,7 @@ func TestRecordJSON(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := tt.rec.marshalWithOutput([]byte(tt.output))
+			got, err := tt.rec.marshalWithOutput([]byte(tt.output), maxRecordBytes)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -94,5 +96,35 @@ func TestRecordJSON(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Output that JSON inflates (control bytes, invalid UTF-8) is cut so the
+// whole record fits the reply Flux accepts; plain output is not touched.
+func TestRecordFitsTheBudget(t *testing.T) {
+	rec := Record{ExecutionID: "exc-1", AgentID: "a", FunctionName: "f", Status: StatusSuccess}
+	const budget = 64 << 10
+	for name, output := range map[string][]byte{
+		"control bytes": bytes.Repeat([]byte{1}, budget),
+		"invalid utf-8": bytes.Repeat([]byte{0xff}, budget),
+		"html":          bytes.Repeat([]byte("<td>&</td>"), budget/20),
+	} {
+		got, err := rec.marshalWithOutput(output, budget)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) > budget {
+			t.Errorf("%s: %d bytes, budget %d", name, len(got), budget)
+		}
+		var back Record
+		if err := json.Unmarshal(got, &back); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if name == "html" && back.Output != string(output) {
+			t.Errorf("html output was cut or escaped: %d bytes of JSON", len(got))
+		}
+		if name != "html" && !strings.HasSuffix(back.Output, outputCutMarker) {
+			t.Errorf("%s: no cut marker", name)
+		}
 	}
 }

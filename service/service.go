@@ -169,25 +169,28 @@ func (s *Service) function(ctx context.Context, name string) (*fluxpb.FunctionCo
 // executions keep the version they started with.
 func (s *Service) DeployFunction(ctx context.Context, pkg *fluxpb.DeploymentPackage) (*fluxpb.DeploymentAck, error) {
 	name := pkg.GetFunctionName()
-	if cfg := pkg.GetConfig(); cfg != nil {
-		// Flux never sets it; other callers may register and deploy at once.
-		if cfg.GetName() == "" {
-			cfg = proto.CloneOf(cfg)
-			cfg.Name = name
-		}
-		if cfg.GetName() != name {
-			return &fluxpb.DeploymentAck{Message: fmt.Sprintf("config.name %q does not match function_name %q", cfg.GetName(), name)}, nil
-		}
-		if ack, _ := s.RegisterFunction(ctx, cfg); !ack.GetSuccess() {
-			return &fluxpb.DeploymentAck{Message: ack.GetMessage()}, nil
-		}
-	}
 	if err := deployments.ValidName(name); err != nil {
 		return &fluxpb.DeploymentAck{Message: err.Error()}, nil
 	}
-	fn, err := s.function(ctx, name)
-	if err != nil {
-		return &fluxpb.DeploymentAck{Message: err.Error()}, nil
+	// Flux never sets config; a caller that does registers and deploys in
+	// one step, and a failed deploy must leave the old registration too.
+	fn := pkg.GetConfig()
+	if fn != nil {
+		fn = proto.CloneOf(fn)
+		if fn.GetName() == "" {
+			fn.Name = name
+		}
+		if fn.GetName() != name {
+			return &fluxpb.DeploymentAck{Message: fmt.Sprintf("config.name %q does not match function_name %q", fn.GetName(), name)}, nil
+		}
+		if err := validateFunction(fn); err != nil {
+			return &fluxpb.DeploymentAck{Message: err.Error()}, nil
+		}
+	} else {
+		var err error
+		if fn, err = s.function(ctx, name); err != nil {
+			return &fluxpb.DeploymentAck{Message: err.Error()}, nil
+		}
 	}
 	start := time.Now()
 	ctx, span := s.tracer.Start(ctx, telemetry.SpanDeploy, trace.WithAttributes(
@@ -201,6 +204,11 @@ func (s *Service) DeployFunction(ctx context.Context, pkg *fluxpb.DeploymentPack
 		return &fluxpb.DeploymentAck{Message: "deploy of " + name + " failed: " + err.Error()}, nil
 	}
 	span.SetAttributes(telemetry.AttrFunctionVersion.String(d.Version), telemetry.AttrDeployFiles.Int(d.Files))
+	if pkg.GetConfig() != nil {
+		if ack, _ := s.RegisterFunction(ctx, fn); !ack.GetSuccess() {
+			return &fluxpb.DeploymentAck{Message: "deployed, but " + ack.GetMessage()}, nil
+		}
+	}
 	msg := fmt.Sprintf("function %s deployed as version %s (%d files, %d bytes)", name, d.Version, d.Files, d.Bytes)
 	if d.Unchanged {
 		msg = fmt.Sprintf("function %s already at version %s (same archive)", name, d.Version)
@@ -217,6 +225,12 @@ func (s *Service) HealthCheck(ctx context.Context, _ *fluxpb.HealthCheckRequest)
 
 // Ready reports why the agent cannot serve executions, or nil.
 func (s *Service) Ready(ctx context.Context) error {
+	s.mu.Lock()
+	draining := s.draining
+	s.mu.Unlock()
+	if draining {
+		return ErrShuttingDown
+	}
 	ctx, cancel := context.WithTimeout(ctx, healthCheckTimeout)
 	defer cancel()
 	if err := s.state.ping(ctx); err != nil {
@@ -251,10 +265,12 @@ func (s *Service) ActiveTasks() int {
 	return len(s.active)
 }
 
-// Shutdown refuses new executions, lets running ones finish until ctx is
-// done, then kills what remains; it returns once every final status is
-// written (or could not be).
-func (s *Service) Shutdown(ctx context.Context) error {
+// Shutdown refuses new executions (HealthCheck then says unhealthy), lets
+// running ones finish until ctx is done, then kills what remains; it
+// returns once every final status is written (or could not be). The gRPC
+// server keeps serving meanwhile, so Flux still reads live output and
+// cancels.
+func (s *Service) Shutdown(ctx context.Context) {
 	s.mu.Lock()
 	s.draining = true
 	var queued []*execution
@@ -272,7 +288,7 @@ func (s *Service) Shutdown(ctx context.Context) error {
 	}()
 	select {
 	case <-finished:
-		return nil
+		return
 	case <-ctx.Done():
 	}
 	s.mu.Lock()
@@ -286,7 +302,17 @@ func (s *Service) Shutdown(ctx context.Context) error {
 		e.cancel("the agent shut down before the execution finished")
 	}
 	<-finished
-	return nil
+}
+
+// Settle marks the executions that a previous run of this agent left
+// "running" (it crashed or was killed) as failed, so Flux does not wait on
+// them until their records expire. Call it once at start.
+func (s *Service) Settle(ctx context.Context) (int, error) {
+	n, err := s.state.settle(ctx, "the agent stopped before the execution finished (crash or kill); it was not run to the end")
+	if err != nil {
+		s.metrics.RedisError(ctx, "settle")
+	}
+	return n, err
 }
 
 // toStatus maps domain errors of malformed requests to gRPC codes; domain

@@ -31,6 +31,10 @@ func (s *state) recordKey(id string) string {
 
 func (s *state) outputKey(id string) string { return s.recordKey(id) + ":output" }
 
+// runningKey is the set of executions whose record may still say running:
+// what a restarted agent must settle.
+func (s *state) runningKey() string { return "flux:agent:{" + s.agentID + "}:running" }
+
 func (s *state) ping(ctx context.Context) error {
 	return s.rdb.Ping(ctx).Err()
 }
@@ -62,21 +66,31 @@ func (s *state) loadFunction(ctx context.Context, name string) (*fluxpb.Function
 	return fn, nil
 }
 
-// createRecord stores the first record of an execution. It returns false
-// when the execution id was already used on this agent.
+// createRecord stores the first record of an execution and notes it as
+// running. It returns false when the execution id was already used on this
+// agent. One round trip: the two keys live in different Cluster slots, so
+// this is a plain pipeline; a stale member of the running set (the id was
+// taken) is harmless, settle skips final records.
 func (s *state) createRecord(ctx context.Context, rec *Record) (bool, error) {
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return false, fmt.Errorf("encode record %s: %w", rec.ExecutionID, err)
 	}
-	ok, err := s.rdb.SetArgs(ctx, s.recordKey(rec.ExecutionID), data, redis.SetArgs{Mode: "NX", TTL: s.ttl}).Result()
-	if errors.Is(err, redis.Nil) {
+	var set *redis.StatusCmd
+	_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		set = p.SetArgs(ctx, s.recordKey(rec.ExecutionID), data, redis.SetArgs{Mode: "NX", TTL: s.ttl})
+		if !rec.Final() {
+			p.SAdd(ctx, s.runningKey(), rec.ExecutionID)
+		}
+		return nil
+	})
+	if errors.Is(set.Err(), redis.Nil) {
 		return false, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("create record %s: %w", rec.ExecutionID, err)
 	}
-	return ok == "OK", nil
+	return set.Val() == "OK", nil
 }
 
 // updateRecord replaces the record (not the output) of an execution.
@@ -85,50 +99,94 @@ func (s *state) updateRecord(ctx context.Context, rec *Record) error {
 	if err != nil {
 		return fmt.Errorf("encode record %s: %w", rec.ExecutionID, err)
 	}
-	_, err = s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		p.Set(ctx, s.recordKey(rec.ExecutionID), data, s.ttl)
-		p.Expire(ctx, s.outputKey(rec.ExecutionID), s.ttl)
-		return nil
-	})
-	if err != nil {
+	if err := s.rdb.Set(ctx, s.recordKey(rec.ExecutionID), data, s.ttl).Err(); err != nil {
 		return fmt.Errorf("update record %s: %w", rec.ExecutionID, err)
 	}
 	return nil
 }
 
-// appendOutput adds new output bytes; the cost is the chunk, never the
-// whole output so far.
-func (s *state) appendOutput(ctx context.Context, id string, chunk []byte) error {
+// writeOutput stores output bytes at their offset. The cost is the chunk,
+// never the whole output so far, and a retried write cannot duplicate
+// output (SETRANGE is idempotent, APPEND is not).
+func (s *state) writeOutput(ctx context.Context, id string, offset int64, chunk []byte) error {
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		p.Append(ctx, s.outputKey(id), string(chunk))
+		p.SetRange(ctx, s.outputKey(id), offset, string(chunk))
 		p.Expire(ctx, s.outputKey(id), s.ttl)
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("append output of %s: %w", id, err)
+		return fmt.Errorf("write output of %s: %w", id, err)
 	}
 	return nil
 }
 
-// finishRecord appends the last output and stores the final record in one
-// transaction, so a reader never sees a final status without all output.
-func (s *state) finishRecord(ctx context.Context, rec *Record, lastChunk []byte) error {
+// finishRecord writes the last output, then the final record, then takes
+// the execution off the running set. The record and output share a slot
+// (one node, one connection), so a reader never sees the final status
+// before all the output; the write is idempotent and may be retried.
+func (s *state) finishRecord(ctx context.Context, rec *Record, offset int64, lastChunk []byte) error {
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encode record %s: %w", rec.ExecutionID, err)
 	}
-	_, err = s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		if len(lastChunk) > 0 {
-			p.Append(ctx, s.outputKey(rec.ExecutionID), string(lastChunk))
+			p.SetRange(ctx, s.outputKey(rec.ExecutionID), offset, string(lastChunk))
 		}
 		p.Set(ctx, s.recordKey(rec.ExecutionID), data, s.ttl)
 		p.Expire(ctx, s.outputKey(rec.ExecutionID), s.ttl)
+		p.SRem(ctx, s.runningKey(), rec.ExecutionID)
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("finish record %s: %w", rec.ExecutionID, err)
 	}
 	return nil
+}
+
+// record returns an execution's record without its output, or nil.
+func (s *state) record(ctx context.Context, id string) (*Record, error) {
+	data, err := s.rdb.Get(ctx, s.recordKey(id)).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read record %s: %w", id, err)
+	}
+	var rec Record
+	if err := json.Unmarshal(data, &rec); err != nil {
+		return nil, fmt.Errorf("decode record %s: %w", id, err)
+	}
+	return &rec, nil
+}
+
+// settle marks the executions a previous run of this agent left running
+// as failed: their processes died with it (or were killed at its start).
+func (s *state) settle(ctx context.Context, reason string) (int, error) {
+	ids, err := s.rdb.SMembers(ctx, s.runningKey()).Result()
+	if err != nil {
+		return 0, fmt.Errorf("list running executions: %w", err)
+	}
+	settled := 0
+	for _, id := range ids {
+		rec, err := s.record(ctx, id)
+		if err != nil {
+			return settled, err
+		}
+		if rec != nil && !rec.Final() {
+			now := time.Now().UTC()
+			rec.Status, rec.Error, rec.StatusAt, rec.Queued = StatusFailed, reason, &now, false
+			if err := s.finishRecord(ctx, rec, 0, nil); err != nil {
+				return settled, err
+			}
+			settled++
+			continue
+		}
+		if err := s.rdb.SRem(ctx, s.runningKey(), id).Err(); err != nil {
+			return settled, fmt.Errorf("settle %s: %w", id, err)
+		}
+	}
+	return settled, nil
 }
 
 // recordJSON returns the record as Flux reads it, output included, and
@@ -158,7 +216,7 @@ func (s *state) recordJSON(ctx context.Context, id string) ([]byte, bool, error)
 	if err := json.Unmarshal(data, &rec); err != nil {
 		return nil, false, fmt.Errorf("decode record %s: %w", id, err)
 	}
-	out, err := rec.marshalWithOutput(output)
+	out, err := rec.marshalWithOutput(output, maxRecordBytes)
 	if err != nil {
 		return nil, false, fmt.Errorf("encode record %s: %w", id, err)
 	}
