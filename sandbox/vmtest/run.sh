@@ -30,32 +30,9 @@ if [ -n "$need" ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
 
-# The kernel: the concrete image package the cloud meta package points at.
-mkdir -p "$cache"
-kernel_pkg() {
-	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-		awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
-}
-pkg=$(kernel_pkg)
-if [ -z "$pkg" ]; then
-	apt-get update -qq
-	pkg=$(kernel_pkg)
-fi
-if [ -z "$pkg" ]; then
-	echo "vmtest: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2
-	exit 1
-fi
-vmlinuz=$(ls "$cache/$pkg"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
-if [ -z "$vmlinuz" ]; then
-	echo "vmtest: fetching $pkg"
-	(cd "$cache" && rm -f "$pkg"_*.deb && apt-get download -qq "$pkg")
-	rm -rf "$cache/$pkg.tmp"
-	dpkg-deb -x "$cache/$pkg"_*.deb "$cache/$pkg.tmp"
-	mkdir -p "$cache/$pkg/boot"
-	mv "$cache/$pkg.tmp"/boot/vmlinuz-* "$cache/$pkg/boot/"
-	rm -rf "$cache/$pkg.tmp" "$cache/$pkg"_*.deb
-	vmlinuz=$(ls "$cache/$pkg"/boot/vmlinuz-* | head -n1)
-fi
+# The kernel: Debian's cloud kernel, cached.
+. "$repo/scripts/lib/qemu.sh"
+vmlinuz=$(cloud_kernel "$cache")
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
@@ -107,18 +84,6 @@ mknod -m 600 "$root/dev/console" c 5 1
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd.cpio.gz"
 
 echo "vmtest: booting $(basename "$vmlinuz")"
-log="$work/console.log"
-status=0
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg -nographic -no-reboot \
+boot_and_check VMTEST "$work/console.log" "$timeout_s" \
 	-m 1024 -smp 2 -kernel "$vmlinuz" -initrd "$work/initrd.cpio.gz" \
-	-append "console=ttyS0 panic=-1 quiet" </dev/null | tee "$log" || status=$?
-if [ "$status" -ne 0 ]; then
-	echo "vmtest: qemu failed or timed out (status $status)" >&2
-	exit 1
-fi
-result=$(tr -d '\r' <"$log" | sed -n 's/^VMTEST-RESULT: \([0-9]*\)$/\1/p' | tail -n1)
-if [ "$result" != "0" ]; then
-	echo "vmtest: FAIL (result '${result:-none}')" >&2
-	exit 1
-fi
-echo "vmtest: PASS"
+	-append "console=ttyS0 panic=-1 quiet"

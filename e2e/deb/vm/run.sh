@@ -36,28 +36,10 @@ if [ -n "$need" ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
 fi
 
-# The kernel: the concrete image the cloud meta package points at.
-mkdir -p "$kernel_cache" "$cache"
-kernel_pkg() {
-	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-		awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
-}
-pkg=$(kernel_pkg)
-if [ -z "$pkg" ]; then
-	apt-get update -qq
-	pkg=$(kernel_pkg)
-fi
-[ -n "$pkg" ] || { echo "debvm: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
-vmlinuz=$(ls "$kernel_cache/$pkg"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
-if [ -z "$vmlinuz" ]; then
-	echo "debvm: fetching $pkg"
-	tmp=$(mktemp -d)
-	(cd "$tmp" && apt-get download -qq "$pkg" && dpkg-deb -x "$pkg"_*.deb x)
-	mkdir -p "$kernel_cache/$pkg/boot"
-	mv "$tmp"/x/boot/vmlinuz-* "$kernel_cache/$pkg/boot/"
-	rm -rf "$tmp"
-	vmlinuz=$(ls "$kernel_cache/$pkg"/boot/vmlinuz-* | head -n1)
-fi
+# The kernel: Debian's cloud kernel, cached (shared with sandbox/vmtest).
+mkdir -p "$cache"
+. "$repo/scripts/lib/qemu.sh"
+vmlinuz=$(cloud_kernel "$kernel_cache")
 
 # The root file system, cached by what it holds.
 rootfs_tar="$cache/rootfs-$suite-$(echo "$packages" | tr ',' '_').tar"
@@ -111,19 +93,6 @@ echo debvm >"$root/etc/hostname"
 rm -rf "$root"
 
 echo "debvm: booting $(basename "$vmlinuz") with $(du -h "$work/initrd.cpio" | cut -f1) of root file system"
-log="$work/console.log"
-status=0
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg -nographic -no-reboot -nic none \
+boot_and_check DEBVM "$work/console.log" "$timeout_s" -nic none \
 	-m 2048 -smp 2 -kernel "$vmlinuz" -initrd "$work/initrd.cpio" \
-	-append "console=ttyS0 rdinit=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 panic=-1 quiet" \
-	</dev/null | tee "$log" || status=$?
-if [ "$status" -ne 0 ]; then
-	echo "debvm: qemu failed or timed out (status $status)" >&2
-	exit 1
-fi
-result=$(tr -d '\r' <"$log" | sed -n 's/^DEBVM-RESULT: \([0-9]*\)$/\1/p' | tail -n1)
-if [ "$result" != "0" ]; then
-	echo "debvm: FAIL (result '${result:-none}')" >&2
-	exit 1
-fi
-echo "debvm: PASS"
+	-append "console=ttyS0 rdinit=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 panic=-1 quiet"
