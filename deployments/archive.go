@@ -133,7 +133,10 @@ const maxLinkHops = 40
 // kernel's PATH_MAX (4096) and NAME_MAX (255), whatever apps_dir is.
 const (
 	maxEntryNameLen = 2048
-	maxElemLen      = 255
+	// maxPathDepth bounds how deep a name may nest; real trees (even
+	// node_modules) stay far below it.
+	maxPathDepth = 64
+	maxElemLen   = 255
 )
 
 // maxResolveSteps bounds the work of checking all symlinks of one archive
@@ -182,7 +185,7 @@ func planArchive(zr *zip.Reader, archiveSize int64, handler string, lim Limits) 
 			p.links = append(p.links, e)
 		}
 	}
-	if err := p.addParents(); err != nil {
+	if err := p.addParents(lim.MaxFiles); err != nil {
 		return nil, err
 	}
 	for _, l := range p.links {
@@ -219,9 +222,13 @@ func checkEntry(f *zip.File) (*entry, error) {
 	case len(name) > maxEntryNameLen:
 		return nil, badEntry(name, "name is %d bytes long, at most %d allowed", len(name), maxEntryNameLen)
 	}
+	depth := 0
 	for elem := range strings.SplitSeq(name, "/") {
 		if len(elem) > maxElemLen {
 			return nil, badEntry(name, "a path element is %d bytes long, at most %d allowed", len(elem), maxElemLen)
+		}
+		if depth++; depth > maxPathDepth {
+			return nil, badEntry(name, "more than %d path elements deep", maxPathDepth)
 		}
 	}
 	mode := f.Mode()
@@ -271,13 +278,21 @@ func typeName(m fs.FileMode) string {
 // addParents records every directory an entry implies and refuses an entry
 // that would sit under a file or a symlink: writing through a symlink is how
 // an archive reaches outside, and a file cannot hold children.
-func (p *plan) addParents() error {
+//
+// Directories a name implies count against maxEntries like those listed:
+// one entry "d/d/…/f" would otherwise create a thousand directories, and a
+// small archive millions.
+func (p *plan) addParents(maxEntries int) error {
 	dirs := make(map[string]bool)
 	for _, e := range p.entries {
 		if e.kind == kindDir {
 			dirs[e.name] = true
 		}
 		for dir := path.Dir(e.name); dir != "."; dir = path.Dir(dir) {
+			if n := len(dirs) + len(p.files) + len(p.links); n > maxEntries {
+				return &EntryError{Entry: e.file.Name, Err: ErrTooLarge,
+					Reason: fmt.Sprintf("with the directories names imply, over %d entries, at most %d allowed", n-1, maxEntries)}
+			}
 			if parent, ok := p.byName[dir]; ok && parent.kind != kindDir {
 				kind := "file"
 				if parent.kind == kindSymlink {

@@ -50,6 +50,8 @@ func hostileCases() []hostileCase {
 		{name: "backslash", build: zipped(ok, file(`..\..\outside\evil`, "x")), want: ErrBadArchive, entry: `..\..\outside\evil`},
 		{name: "nul-in-name", build: zipped(ok, file("evil\x00.txt", "x")), want: ErrBadArchive, entry: "evil\x00.txt"},
 		{name: "name-too-long", build: zipped(ok, file(strings.Repeat("d/", 1100)+"f", "x")), want: ErrBadArchive, entry: strings.Repeat("d/", 1100) + "f"},
+		{name: "name-too-deep", build: zipped(ok, file(strings.Repeat("d/", 65)+"f", "x")), want: ErrBadArchive, entry: strings.Repeat("d/", 65) + "f"},
+		{name: "implied-dirs-over-limit", build: zipped(ok, file("a/b/c/d/e/f/g/h/i/j/k", "x")), limits: Limits{MaxFiles: 8}, want: ErrTooLarge, entry: "a/b/c/d/e/f/g/h/i/j/k"},
 		{name: "name-element-too-long", build: zipped(ok, file("lib/"+strings.Repeat("n", 256), "x")), want: ErrBadArchive, entry: "lib/" + strings.Repeat("n", 256)},
 		{name: "duplicate-file", build: zipped(ok, file("a.txt", "1"), file("a.txt", "2")), want: ErrBadArchive, entry: "a.txt"},
 		{name: "duplicate-handler", build: zipped(ok, exe("main.sh", "#!/bin/sh\necho second\n")), want: ErrBadArchive, entry: "main.sh"},
