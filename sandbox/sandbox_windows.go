@@ -94,8 +94,10 @@ type box struct {
 // start creates the job, starts cmd suspended, assigns it to the job and
 // only then resumes it: no instruction of the function, and so no child of
 // it, runs outside the job.
-func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (b *box, err error) {
-	b = &box{limits: newJobLimits(limits, h.pids, runtime.NumCPU())}
+func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (_ *box, err error) {
+	// b is undone on every failure; the named result stays nil until the
+	// end, so the cleanup never sees a nil box.
+	b := &box{limits: newJobLimits(limits, h.pids, runtime.NumCPU())}
 	defer func() {
 		if err != nil {
 			_ = b.remove()
