@@ -144,6 +144,9 @@ type agentOptions struct {
 	// AppsDir, if set, is reused (to restart an agent over the same state).
 	AppsDir string
 	AgentID string
+	// ExtraFiles are inherited by the agent as fds 3, 4, … (as a careless
+	// supervisor's would be).
+	ExtraFiles []*os.File
 }
 
 // agent is one running flux-agent process.
@@ -155,6 +158,7 @@ type agent struct {
 	AppsDir    string
 	ConfigPath string
 	logs       *syncBuffer
+	extraFiles []*os.File
 	exited     chan struct{}
 	exitErr    error
 }
@@ -208,7 +212,7 @@ log:
 	if err := os.WriteFile(configPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := &agent{t: t, AppsDir: opts.AppsDir, ConfigPath: configPath, logs: &syncBuffer{}, exited: make(chan struct{})}
+	a := &agent{t: t, AppsDir: opts.AppsDir, ConfigPath: configPath, logs: &syncBuffer{}, extraFiles: opts.ExtraFiles, exited: make(chan struct{})}
 	a.start(opts.Env)
 	t.Cleanup(func() {
 		a.stop()
@@ -254,6 +258,7 @@ func (a *agent) start(env []string) {
 		"FLUX_AGENT_NETWORK_PUBLIC_IP_URL="}, env...)
 	cmd.Stdout = io.MultiWriter(a.logs, pw)
 	cmd.Stderr = cmd.Stdout
+	cmd.ExtraFiles = a.extraFiles
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

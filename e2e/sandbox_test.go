@@ -39,11 +39,17 @@ func TestSandboxedExecution(t *testing.T) {
 	if err := os.WriteFile(secret, []byte("top secret"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := startAgent(t, rs, agentOptions{Env: []string{"FLUX_TEST_AGENT_ONLY=agent-env-value"}})
+	inherited, err := os.Open(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inherited.Close()
+	a := startAgent(t, rs, agentOptions{Env: []string{"FLUX_TEST_AGENT_ONLY=agent-env-value"}, ExtraFiles: []*os.File{inherited, inherited}})
 	c := a.client(t)
 
 	install(t, c, fn{Name: "whoami", Script: fmt.Sprintf(`echo "uid:$(id -u) groups:$(id -G)"
 cat %s 2>/dev/null && echo READ-SECRET
+for fd in 3 4 5; do cat <&$fd 2>/dev/null && echo READ-INHERITED-FD; done
 cat /proc/1/environ 2>/dev/null | tr '\0' '\n' | grep -c FLUX_TEST_AGENT_ONLY
 cat /proc/$PPID/environ 2>/dev/null | tr '\0' '\n' | grep FLUX_TEST_AGENT_ONLY
 touch handler.sh 2>/dev/null && echo WROTE-CODE
@@ -55,7 +61,7 @@ grep NoNewPrivs /proc/self/status
 	if strings.Contains(out, "uid:0 ") || !strings.Contains(out, "uid:") {
 		t.Errorf("function runs as root or not at all:\n%s", out)
 	}
-	for _, leak := range []string{"READ-SECRET", "agent-env-value", "WROTE-CODE"} {
+	for _, leak := range []string{"READ-SECRET", "top secret", "READ-INHERITED-FD", "agent-env-value", "WROTE-CODE"} {
 		if strings.Contains(out, leak) {
 			t.Errorf("isolation broken (%s):\n%s", leak, out)
 		}

@@ -38,6 +38,11 @@ const (
 )
 
 // Errors callers can test with errors.Is.
+// ErrOutputAbandoned says the end of an execution's output was not read:
+// a process that escaped the process group (no cgroup to hold it) kept the
+// pipe open after the execution ended.
+var ErrOutputAbandoned = errors.New("output abandoned: a process outside the sandbox kept it open")
+
 var (
 	// ErrInvalidSpec is returned by Start for a spec it refuses; nothing was
 	// started or created.
@@ -102,7 +107,9 @@ type Result struct {
 	CPUTime         time.Duration
 	StartedAt       time.Time
 	WallTime        time.Duration
-	// OutputErr is the first error of Spec.Output; the output after it was
+	// OutputErr is the first error of Spec.Output, or ErrOutputAbandoned
+	// when a process outside the sandbox's reach kept the output open; the
+	// output after it was
 	// read and dropped so the function never blocked on a full pipe.
 	OutputErr error
 }
@@ -477,7 +484,8 @@ func (p *Process) Cancel() {
 // wait is the one goroutine that waits on the process; it closes done.
 func (p *Process) wait() {
 	copied := make(chan error, 1)
-	go func() { copied <- copyOutput(p.spec.Output, p.output) }()
+	drain := make(chan struct{})
+	go func() { copied <- copyOutput(p.spec.Output, p.output, drain) }()
 
 	exited := make(chan struct{})
 	supervised := make(chan struct{})
@@ -497,15 +505,21 @@ func (p *Process) wait() {
 		p.log.Error("killing the rest of the tree", "err", err)
 	}
 	waitErr := p.cmd.Wait()
-	if err := p.box.waitEmpty(emptyTimeout); err != nil {
-		p.log.Error("confirming the tree is gone", "err", err)
+	emptyErr := p.box.waitEmpty(emptyTimeout)
+	if emptyErr != nil {
+		p.log.Error("confirming the tree is gone", "err", emptyErr)
 	}
 	wall := time.Since(p.startedAt)
 
-	// Without a cgroup a process that left the group may still hold the
-	// pipe; the deadline keeps it from holding us.
-	if err := p.output.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
-		p.log.Error("bounding the output drain", "err", err)
+	// A cgroup confirmed empty means every writer is gone: read to EOF,
+	// however slow Spec.Output is. Without that proof a process that left
+	// the group may still hold the pipe: then each further read may wait
+	// at most DrainTimeout.
+	if !p.box.limited() || emptyErr != nil {
+		close(drain)
+		if err := p.output.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+			p.log.Error("bounding the output drain", "err", err)
+		}
 	}
 	outErr := <-copied
 	_ = p.output.Close()
@@ -575,16 +589,28 @@ func (p *Process) supervise(exited <-chan struct{}) {
 }
 
 // copyOutput copies everything read to out; when out fails it keeps reading
-// (and dropping) so the function never blocks on a full pipe.
-func copyOutput(out io.Writer, r io.Reader) error {
+// (and dropping) so the function never blocks on a full pipe. Once drain is
+// closed, each read may wait at most DrainTimeout (an idle bound, so a slow
+// out does not cut the output short); past it the rest is abandoned.
+func copyOutput(out io.Writer, r *os.File, drain <-chan struct{}) error {
 	buf := make([]byte, 32<<10)
 	var outErr error
 	for {
+		select {
+		case <-drain:
+			if err := r.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+				return errors.Join(outErr, err)
+			}
+		default:
+		}
 		n, err := r.Read(buf)
 		if n > 0 && outErr == nil {
 			if _, werr := out.Write(buf[:n]); werr != nil {
 				outErr = werr
 			}
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return errors.Join(outErr, ErrOutputAbandoned)
 		}
 		if err != nil {
 			return outErr

@@ -41,6 +41,9 @@ func newHost(cfg Config, instance string) (*host, Isolation, error) {
 	if err != nil {
 		return nil, Isolation{}, fmt.Errorf("procfs: %w", err)
 	}
+	if err := closeInheritedFDs(); err != nil {
+		return nil, Isolation{}, err
+	}
 	h := &host{pids: cfg.PidsLimit, proc: proc}
 	iso := Isolation{Cgroup: "none", UID: os.Geteuid()}
 	if u, err := user.Current(); err == nil {
@@ -71,6 +74,32 @@ func newHost(cfg Config, instance string) (*host, Isolation, error) {
 		iso.Cgroup = drv.version()
 	}
 	return h, iso, nil
+}
+
+// closeInheritedFDs marks every descriptor above stderr close-on-exec. Go
+// does so for what it opens itself, not for what the agent inherited (a
+// supervisor's socket, a leaked log file): without this, every function
+// would get those too, whatever its user.
+func closeInheritedFDs() error {
+	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
+		return nil
+	}
+	// Kernels before 5.11: one by one.
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("inherited descriptors: %w", err)
+	}
+	for _, e := range entries {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		// The directory's own descriptor is gone by now: EBADF is fine.
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && !errors.Is(err, unix.EBADF) {
+			return fmt.Errorf("inherited descriptor %d: %w", fd, err)
+		}
+	}
+	return nil
 }
 
 func lookupRunner(name string) (*runner, error) {

@@ -504,3 +504,33 @@ func TestTwoSandboxesInOneProcessDoNotInterfere(t *testing.T) {
 		}
 	})
 }
+
+// A slow Spec.Output (Redis lagging) still gets every byte: the drain after
+// the end is bounded by idleness, not by a fixed deadline.
+func TestSlowOutputWriterGetsEverything(t *testing.T) {
+	forEachContainment(t, func(t *testing.T, cfg Config) {
+		s := newSandbox(t, cfg)
+		w := &slowWriter{pause: 100 * time.Millisecond}
+		p := start(t, s, Spec{
+			Path:   writeScript(t, t.TempDir(), `head -c 300000 /dev/zero`),
+			Output: w,
+		})
+		res := waitDone(t, p, 60*time.Second)
+		if res.OutputErr != nil || res.ExitCode != 0 || w.n != 300000 {
+			t.Errorf("got %d of 300000 bytes; result %+v", w.n, res)
+		}
+	})
+}
+
+// slowWriter takes pause for every write; only the sandbox's copy
+// goroutine writes to it.
+type slowWriter struct {
+	pause time.Duration
+	n     int
+}
+
+func (w *slowWriter) Write(p []byte) (int, error) {
+	time.Sleep(w.pause) // a slow sink, not synchronisation
+	w.n += len(p)
+	return len(p), nil
+}
