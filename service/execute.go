@@ -339,6 +339,12 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 		rec.CPUTimeMS = res.CPUTime.Milliseconds()
 		rec.DurationMS = res.WallTime.Milliseconds()
 		rec.Status, rec.Error = outcome(res, e.fn, cancelMsg)
+		if res.OutputErr != nil {
+			// The sink never fails, so the end of the output was abandoned
+			// (a process escaped the group without a cgroup to hold it).
+			rec.OutputTruncated = true
+			e.logger.WarnContext(ctx, "output cut short", "error", res.OutputErr)
+		}
 	}
 	s.writeFinal(ctx, e, offset, lastChunk)
 	if !e.async {
