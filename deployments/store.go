@@ -397,6 +397,22 @@ func (s *Store) Deploy(ctx context.Context, name, handler string, archive []byte
 	return Deployment{Version: rec.Version, Files: rec.Files, Bytes: rec.Bytes}, nil
 }
 
+// removeIfNeverDeployed takes away the function dir a failed first deploy
+// made, so a refused deploy leaves nothing behind. The dir goes only if it
+// is empty; the caller holds fn.deploying, so no other deploy is adding to
+// it.
+func (s *Store) removeIfNeverDeployed(name string, fn *function) {
+	s.mu.Lock()
+	never := fn.current == nil && len(fn.versions) == 0
+	s.mu.Unlock()
+	if !never {
+		return
+	}
+	if err := s.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Debug("function dir of a failed first deploy kept", "function", name, "error", err)
+	}
+}
+
 // beginDeploy registers a deploy with Close and returns the function's state.
 func (s *Store) beginDeploy(name string) (*function, error) {
 	s.mu.Lock()
@@ -415,7 +431,7 @@ func (s *Store) beginDeploy(name string) (*function, error) {
 
 // install checks, extracts and switches to a new version; the caller holds
 // fn.deploying.
-func (s *Store) install(ctx context.Context, name string, fn *function, handler, digest string, archive []byte) (*record, error) {
+func (s *Store) install(ctx context.Context, name string, fn *function, handler, digest string, archive []byte) (_ *record, err error) {
 	zr, err := zip.NewReader(bytes.NewReader(archive), int64(len(archive)))
 	if err != nil && !errors.Is(err, zip.ErrInsecurePath) { // names are checked below, with better messages
 		return nil, fmt.Errorf("%w: cannot read it as a zip: %w", ErrBadArchive, err)
@@ -429,6 +445,11 @@ func (s *Store) install(ctx context.Context, name string, fn *function, handler,
 		return nil, err
 	}
 	defer fnRoot.Close()
+	defer func() {
+		if err != nil {
+			s.removeIfNeverDeployed(name, fn)
+		}
+	}()
 
 	s.mu.Lock()
 	fn.lastSeq++

@@ -514,3 +514,20 @@ func TestCloseStopsWaitingDeploys(t *testing.T) {
 		t.Errorf("versions on disk after Close = %v, want only the first", got)
 	}
 }
+
+// A first deploy that fails while extracting leaves no function dir behind.
+func TestFailedFirstDeployLeavesNothing(t *testing.T) {
+	env := newTestEnv(t, Options{})
+	before := snapshot(t, env.tmp)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := env.store.Deploy(ctx, "fresh", "main.sh", benchArchiveSmall(t)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Deploy = %v, want context.Canceled", err)
+	}
+	if diff := cmp.Diff(before, snapshot(t, env.tmp)); diff != "" {
+		t.Errorf("a failed first deploy changed files (-before +after):\n%s", diff)
+	}
+	if _, err := env.store.Deploy(context.Background(), "fresh", "main.sh", goodArchive(t)); err != nil {
+		t.Errorf("a later deploy: %v", err)
+	}
+}
