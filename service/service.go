@@ -132,6 +132,7 @@ func (s *Service) RegisterFunction(ctx context.Context, fn *fluxpb.FunctionConfi
 	s.mu.Lock()
 	s.functions[fn.GetName()] = fn
 	s.mu.Unlock()
+	s.slots.setLimit(fn.GetName(), int(fn.GetMaxConcurrency()))
 	s.logger.InfoContext(ctx, "function registered", "function", fn.GetName(), "handler", fn.GetHandler(),
 		"memory_mb", fn.GetMemoryMb(), "cpu_millicores", fn.GetCpuMillicores(), "timeout_seconds", fn.GetTimeoutSeconds(),
 		"max_concurrency", fn.GetMaxConcurrency(), "max_concurrency_behavior", fn.GetMaxConcurrencyBehavior())

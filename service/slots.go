@@ -104,6 +104,24 @@ func (s *slots) release(function string) {
 	if s.perFunction[function]--; s.perFunction[function] <= 0 {
 		delete(s.perFunction, function)
 	}
+	s.dispatch()
+}
+
+// setLimit applies a function's new max_concurrency to the executions
+// already queued for it, and starts those a raised limit lets run.
+func (s *slots) setLimit(function string, limit int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for e := s.queue.Front(); e != nil; e = e.Next() {
+		if w := e.Value.(*waiter); w.function == function {
+			w.limit = limit
+		}
+	}
+	s.dispatch()
+}
+
+// dispatch hands free slots to waiters in FIFO order; mu held.
+func (s *slots) dispatch() {
 	for e := s.queue.Front(); e != nil; {
 		next := e.Next()
 		w := e.Value.(*waiter)

@@ -96,3 +96,25 @@ func TestSlotsNodeLimitWakesOtherFunctions(t *testing.T) {
 		t.Error("b should start once the node has room")
 	}
 }
+
+// Re-registering a function applies its new limit to what is queued: a
+// raised limit starts waiters at once.
+func TestSlotsSetLimit(t *testing.T) {
+	s := newSlots(0, 10)
+	if _, err := s.enqueue("f", 1); err != nil {
+		t.Fatal(err)
+	}
+	w1, _ := s.enqueue("f", 1)
+	w2, _ := s.enqueue("f", 1)
+	if isClosed(w1.ready) || isClosed(w2.ready) {
+		t.Fatal("both should wait behind the first")
+	}
+	s.setLimit("f", 2)
+	if !isClosed(w1.ready) || isClosed(w2.ready) {
+		t.Error("a limit raised to 2 should start exactly the oldest waiter")
+	}
+	s.setLimit("other", 9) // another function's waiters are not touched
+	if isClosed(w2.ready) {
+		t.Error("w2 started on another function's limit")
+	}
+}
