@@ -95,6 +95,10 @@ type SandboxConfig struct {
 	PidsLimit  int64         `yaml:"pids_limit" env:"PIDS_LIMIT"`
 	KillGrace  time.Duration `yaml:"kill_grace" env:"KILL_GRACE"`
 	ScratchDir string        `yaml:"scratch_dir" env:"SCRATCH_DIR"`
+	// UIDRange ("FIRST-LAST") gives each running execution a uid of its
+	// own, so functions cannot see or signal each other; empty: all run as
+	// run_as_user.
+	UIDRange string `yaml:"uid_range" env:"UID_RANGE"`
 }
 
 // DeployConfig bounds what one code archive may unpack to.
@@ -352,6 +356,9 @@ func (c *Config) Validate() error {
 	if c.Sandbox.PidsLimit < 0 {
 		bad("sandbox.pids_limit", "must be 0 (unlimited) or more, got %d", c.Sandbox.PidsLimit)
 	}
+	if _, err := c.Sandbox.UIDs(); err != nil {
+		bad("sandbox.uid_range", "%v", err)
+	}
 	if c.Sandbox.KillGrace < 0 {
 		bad("sandbox.kill_grace", "must not be negative, got %s", c.Sandbox.KillGrace)
 	}
@@ -391,6 +398,23 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("invalid config: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// UIDs parses uid_range: "FIRST-LAST", both above 0, at most 65536 uids.
+func (c SandboxConfig) UIDs() (sandbox.UIDRange, error) {
+	if c.UIDRange == "" {
+		return sandbox.UIDRange{}, nil
+	}
+	first, last, ok := strings.Cut(c.UIDRange, "-")
+	f, err1 := strconv.ParseUint(strings.TrimSpace(first), 10, 32)
+	l, err2 := strconv.ParseUint(strings.TrimSpace(last), 10, 32)
+	switch {
+	case !ok || err1 != nil || err2 != nil:
+		return sandbox.UIDRange{}, fmt.Errorf("%q is not FIRST-LAST (e.g. 2000000-2000999)", c.UIDRange)
+	case f == 0 || l < f || l-f >= 1<<16 || l >= 1<<32-1:
+		return sandbox.UIDRange{}, fmt.Errorf("%q: want 0 < FIRST <= LAST, at most 65536 uids, below 4294967295", c.UIDRange)
+	}
+	return sandbox.UIDRange{First: uint32(f), Count: uint32(l - f + 1)}, nil
 }
 
 // ListenAddr is the gRPC server's host:port.
@@ -575,8 +599,8 @@ func printConfig(w io.Writer, cfg Config) {
 		"network.public_ip_url": cfg.Network.PublicIPURL,
 		"sandbox.run_as_user":   cfg.Sandbox.RunAsUser, "sandbox.cgroup_root": cfg.Sandbox.CgroupRoot,
 		"sandbox.pids_limit": cfg.Sandbox.PidsLimit, "sandbox.kill_grace": cfg.Sandbox.KillGrace,
-		"sandbox.scratch_dir": cfg.Sandbox.ScratchDir,
-		"deploy.max_bytes":    cfg.Deploy.MaxBytes, "deploy.max_files": cfg.Deploy.MaxFiles,
+		"sandbox.scratch_dir": cfg.Sandbox.ScratchDir, "sandbox.uid_range": cfg.Sandbox.UIDRange,
+		"deploy.max_bytes": cfg.Deploy.MaxBytes, "deploy.max_files": cfg.Deploy.MaxFiles,
 		"deploy.max_ratio": cfg.Deploy.MaxRatio, "deploy.keep_versions": cfg.Deploy.KeepVersions,
 		"telemetry.otlp_endpoint": cfg.Telemetry.OTLPEndpoint, "telemetry.otlp_protocol": cfg.Telemetry.OTLPProtocol,
 		"telemetry.otlp_insecure": cfg.Telemetry.OTLPInsecure, "telemetry.metrics_push": cfg.Telemetry.MetricsPush,

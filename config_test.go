@@ -123,6 +123,15 @@ func TestLoadConfigValues(t *testing.T) {
 			},
 		},
 		{
+			name: "uid range",
+			file: "sandbox:\n  uid_range: 2000000-2000999\n",
+			check: func(t *testing.T, c Config) {
+				if r, err := c.Sandbox.UIDs(); err != nil || r.First != 2000000 || r.Count != 1000 {
+					t.Errorf("uid range %+v, %v", r, err)
+				}
+			},
+		},
+		{
 			name:  "empty file",
 			file:  "",
 			check: func(t *testing.T, c Config) {},
@@ -166,6 +175,9 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		{"bad public ip url", "network:\n  public_ip_url: ftp://x\n", nil, "network.public_ip_url:"},
 		{"agent id with braces", "agent_id: 'a{b}'\n", nil, "agent_id:"},
 		{"log format", "log:\n  format: xml\n", nil, "log.format:"},
+		{"uid range backwards", "sandbox:\n  uid_range: 200-100\n", nil, "sandbox.uid_range:"},
+		{"uid range from 0", "sandbox:\n  uid_range: 0-100\n", nil, "sandbox.uid_range:"},
+		{"uid range junk", "sandbox:\n  uid_range: many\n", nil, "sandbox.uid_range:"},
 		{"tls not a mapping", "tls: yes\n", nil, "tls: want a mapping"},
 		{"bad env port", "", map[string]string{"FLUX_AGENT_PORT": "x"}, "Port"},
 		{"bad env bool", "", map[string]string{"FLUX_AGENT_TLS_ENABLED": "maybe"}, "TLS: Enabled"},

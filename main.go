@@ -162,9 +162,11 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	if pidsLimit == 0 {
 		pidsLimit = sandbox.NoPidsLimit // 0 in the config means unlimited
 	}
+	uids, _ := cfg.Sandbox.UIDs() // validated with the config
 	sb, err := sandbox.New(sandbox.Config{
 		CgroupRoot: cfg.Sandbox.CgroupRoot,
 		User:       cfg.Sandbox.RunAsUser,
+		UIDs:       uids,
 		PidsLimit:  pidsLimit,
 		ScratchDir: cfg.Sandbox.ScratchDir,
 		Logger:     logger,

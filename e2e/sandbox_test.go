@@ -144,3 +144,17 @@ func BenchmarkNodeStatus(b *testing.B) {
 		}
 	}
 }
+
+// With sandbox.uid_range, functions run as uids of their own.
+func TestPerExecutionUIDs(t *testing.T) {
+	requireRoot(t)
+	requireRunner(t)
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{YAML: "sandbox:\n  uid_range: 2900100-2900199\n"})
+	c := a.client(t)
+	install(t, c, fn{Name: "uid", Script: "id -u\n"})
+	resp, _ := execSync(t, c, "uid")
+	if out := string(resp.GetOutput()); !strings.HasPrefix(out, "29001") || resp.GetError() != "" {
+		t.Errorf("uid %q, error %q; want one from 2900100-2900199", out, resp.GetError())
+	}
+}

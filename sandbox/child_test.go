@@ -50,8 +50,9 @@ func runTestChild(mode string, args []string) int {
 		for i := 0; i < len(mem); i += 4096 {
 			mem[i] = 1
 		}
+		heldMemory = mem // reachable from a global: the GC must not return it
 		fmt.Println("allocated", mib)
-		select {} // until killed; mem stays live below
+		select {} // until killed
 	case "env": // print the environment sorted, then check TMPDIR is usable
 		env := os.Environ()
 		slices.Sort(env)
@@ -69,3 +70,7 @@ func runTestChild(mode string, args []string) int {
 		return 2
 	}
 }
+
+// heldMemory keeps alloc-hold's allocation alive while the child waits to
+// be killed (a local would be dead after its last use, and freed).
+var heldMemory []byte

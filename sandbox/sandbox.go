@@ -152,6 +152,10 @@ type Config struct {
 	// User runs functions as this user (production: "flux-runner"); "" runs
 	// them as the agent itself.
 	User string
+	// UIDs, when its Count is set, gives each running execution a uid of
+	// its own from this range (with User's group); otherwise all run as
+	// User. Linux, as root, only.
+	UIDs UIDRange
 	// PidsLimit bounds the processes of one execution; 0 means
 	// DefaultPidsLimit, NoPidsLimit none.
 	PidsLimit int64
@@ -172,6 +176,8 @@ type Config struct {
 type Isolation struct {
 	// Cgroup is "v2", "v1" or "none" (Windows: "none").
 	Cgroup string
+	// UIDRange is set when each execution runs as a uid of its own.
+	UIDRange UIDRange
 	// JobObject is true on Windows, where each execution has a job object.
 	JobObject bool
 	// User is the user functions run as; UID its uid (-1 on Windows).
@@ -346,7 +352,16 @@ func (s *Sandbox) start(spec Spec, name, scratch string) (p *Process, err error)
 	} else if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%w: handler %s is not a regular file", ErrInvalidSpec, spec.Path)
 	}
-	if err := s.host.ownScratch(scratch); err != nil {
+	uid, err := s.host.acquireUID()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			s.host.releaseUID(uid)
+		}
+	}()
+	if err := s.host.ownScratch(scratch, uid); err != nil {
 		return nil, fmt.Errorf("scratch dir: %w", err)
 	}
 	r, w, err := os.Pipe()
@@ -361,7 +376,7 @@ func (s *Sandbox) start(spec Spec, name, scratch string) (p *Process, err error)
 		Stdout: w, // one pipe for both keeps the order written
 		Stderr: w,
 	}
-	b, err := s.host.start(cmd, name, spec.Limits)
+	b, err := s.host.start(cmd, name, spec.Limits, uid)
 	// Only the child holds the write end now, so EOF means every holder
 	// is gone.
 	_ = w.Close()

@@ -32,6 +32,7 @@ type runner struct {
 type host struct {
 	cgroups cgroupDriver // nil: no writable cgroup
 	runner  *runner      // nil: run as the agent itself
+	uids    *uidPool     // nil: every execution runs as runner.uid
 	pids    int64
 	proc    procfs.FS
 }
@@ -72,6 +73,22 @@ func newHost(cfg Config, instance string) (*host, Isolation, error) {
 	} else {
 		h.cgroups = drv
 		iso.Cgroup = drv.version()
+	}
+	if cfg.UIDs.Count > 0 {
+		// A uid goes back to the pool only when a cgroup proved its
+		// processes gone; without a runner or cgroups there is no such
+		// proof (or no setuid at all).
+		switch {
+		case h.runner == nil || h.cgroups == nil:
+			iso.Degraded = append(iso.Degraded, "per-execution uids need root, the runner user and cgroups: executions share one uid")
+		default:
+			pool, err := newUIDPool(cfg.UIDs)
+			if err != nil {
+				return nil, Isolation{}, err
+			}
+			h.uids = pool
+			iso.UIDRange = cfg.UIDs
+		}
 	}
 	return h, iso, nil
 }
@@ -128,11 +145,30 @@ func (h *host) close() error {
 	return h.cgroups.close()
 }
 
-func (h *host) ownScratch(dir string) error {
+// acquireUID picks the uid an execution runs as: its own from the range,
+// or the runner's.
+func (h *host) acquireUID() (uint32, error) {
+	switch {
+	case h.runner == nil:
+		return 0, nil
+	case h.uids == nil:
+		return h.runner.uid, nil
+	}
+	return h.uids.acquire()
+}
+
+// releaseUID returns a uid once no process of its execution is left.
+func (h *host) releaseUID(uid uint32) {
+	if h.uids != nil {
+		h.uids.release(uid)
+	}
+}
+
+func (h *host) ownScratch(dir string, uid uint32) error {
 	if h.runner == nil {
 		return nil
 	}
-	if err := os.Chown(dir, int(h.runner.uid), int(h.runner.gid)); err != nil {
+	if err := os.Chown(dir, int(uid), int(h.runner.gid)); err != nil {
 		return fmt.Errorf("chown to %s: %w", h.runner.name, err)
 	}
 	return nil
@@ -143,15 +179,18 @@ type box struct {
 	pid    int // also the process group id
 	cgroup execCgroup
 	proc   procfs.FS
+	uid    uint32
+	uids   *uidPool // gets uid back once the tree is confirmed gone
+	empty  bool     // waitEmpty confirmed it
 }
 
 // start starts cmd in its own process group, as the runner, with
 // no_new_privs, inside a new cgroup named name.
-func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (*box, error) {
+func (h *host) start(cmd *exec.Cmd, name string, limits Limits, uid uint32) (*box, error) {
 	attr := &syscall.SysProcAttr{Setpgid: true}
 	if h.runner != nil {
 		attr.Credential = &syscall.Credential{
-			Uid:    h.runner.uid,
+			Uid:    uid,
 			Gid:    h.runner.gid,
 			Groups: []uint32{}, // setgroups(0): no supplementary groups
 		}
@@ -175,7 +214,7 @@ func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (*box, error) {
 		}
 		return nil, err
 	}
-	return &box{pid: cmd.Process.Pid, cgroup: cg, proc: h.proc}, nil
+	return &box{pid: cmd.Process.Pid, cgroup: cg, proc: h.proc, uid: uid, uids: h.uids}, nil
 }
 
 // startInside starts cmd so that it is in cg (when there is one) before
@@ -249,12 +288,13 @@ func (b *box) kill() error {
 
 // waitEmpty confirms the tree is gone: the cgroup is empty, or without one,
 // no live process is left in the process group.
-func (b *box) waitEmpty(timeout time.Duration) error {
+func (b *box) waitEmpty(timeout time.Duration) (err error) {
+	defer func() { b.empty = err == nil }()
 	if b.cgroup != nil {
 		return b.cgroup.waitEmpty(timeout)
 	}
 	var left []int
-	err := poll(timeout, func() (bool, error) {
+	err = poll(timeout, func() (bool, error) {
 		// The usual case, cheap: nothing at all is left in the group.
 		if errors.Is(unix.Kill(-b.pid, 0), unix.ESRCH) {
 			return true, nil
@@ -308,6 +348,10 @@ func (b *box) measure(res *Result, state *os.ProcessState) {
 }
 
 func (b *box) remove() error {
+	// A uid whose processes might live on is never handed out again.
+	if b.uids != nil && b.empty {
+		b.uids.release(b.uid)
+	}
 	if b.cgroup == nil {
 		return nil
 	}

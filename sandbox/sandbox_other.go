@@ -25,9 +25,11 @@ func newHost(Config, string) (*host, Isolation, error) {
 	return nil, Isolation{}, fmt.Errorf("no containment on %s: %w", runtime.GOOS, errors.ErrUnsupported)
 }
 
-func (h *host) close() error            { return nil }
-func (h *host) ownScratch(string) error { return nil }
-func (h *host) start(*exec.Cmd, string, Limits) (*box, error) {
+func (h *host) close() error                    { return nil }
+func (h *host) acquireUID() (uint32, error)     { return 0, nil }
+func (h *host) releaseUID(uint32)               {}
+func (h *host) ownScratch(string, uint32) error { return nil }
+func (h *host) start(*exec.Cmd, string, Limits, uint32) (*box, error) {
 	return nil, errors.ErrUnsupported
 }
 

@@ -80,7 +80,10 @@ func newHost(cfg Config, instance string) (*host, Isolation, error) {
 
 func (h *host) close() error { return nil }
 
-func (h *host) ownScratch(string) error { return nil }
+// Windows runs functions as the agent's account: no uids to hand out.
+func (h *host) acquireUID() (uint32, error)     { return 0, nil }
+func (h *host) releaseUID(uint32)               {}
+func (h *host) ownScratch(string, uint32) error { return nil }
 
 // box is one execution's job object.
 type box struct {
@@ -94,7 +97,7 @@ type box struct {
 // start creates the job, starts cmd suspended, assigns it to the job and
 // only then resumes it: no instruction of the function, and so no child of
 // it, runs outside the job.
-func (h *host) start(cmd *exec.Cmd, name string, limits Limits) (_ *box, err error) {
+func (h *host) start(cmd *exec.Cmd, name string, limits Limits, _ uint32) (_ *box, err error) {
 	// b is undone on every failure; the named result stays nil until the
 	// end, so the cleanup never sees a nil box.
 	b := &box{limits: newJobLimits(limits, h.pids, runtime.NumCPU())}
