@@ -767,19 +767,7 @@ func runFunction(t *testing.T, conn *grpc.ClientConn, configs ...string) {
 	for _, c := range configs {
 		script += fmt.Sprintf("cat %q >/dev/null 2>&1 && echo config-readable || echo config-hidden\n", c)
 	}
-	var archive bytes.Buffer
-	zw := zip.NewWriter(&archive)
-	h := &zip.FileHeader{Name: "handler.sh", Method: zip.Deflate}
-	h.SetMode(0o755)
-	w, err := zw.CreateHeader(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(w, script)
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	dack, err := client.DeployFunction(ctx, &fluxpb.DeploymentPackage{FunctionName: "whoami", CodeArchive: archive.Bytes()})
+	dack, err := client.DeployFunction(ctx, &fluxpb.DeploymentPackage{FunctionName: "whoami", CodeArchive: handlerZip(t, script)})
 	if err != nil || !dack.GetSuccess() {
 		t.Fatalf("DeployFunction: %v %v", dack, err)
 	}
@@ -1161,4 +1149,24 @@ func requireCommands(t *testing.T, names ...string) {
 			t.Skipf("%s not installed: %v", n, err)
 		}
 	}
+}
+
+// handlerZip is a code archive holding one executable handler.sh.
+func handlerZip(t *testing.T, script string) []byte {
+	t.Helper()
+	var archive bytes.Buffer
+	zw := zip.NewWriter(&archive)
+	h := &zip.FileHeader{Name: "handler.sh", Method: zip.Deflate}
+	h.SetMode(0o755)
+	w, err := zw.CreateHeader(h)
+	if err == nil {
+		_, err = io.WriteString(w, script)
+	}
+	if err == nil {
+		err = zw.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return archive.Bytes()
 }

@@ -3,12 +3,9 @@
 package deb
 
 import (
-	"archive/zip"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -235,19 +232,7 @@ func deployScript(t *testing.T, client fluxpb.AgentServiceClient, name string, m
 	if err != nil || !ack.GetSuccess() {
 		t.Fatalf("RegisterFunction %s: %v %v", name, ack, err)
 	}
-	var archive bytes.Buffer
-	zw := zip.NewWriter(&archive)
-	h := &zip.FileHeader{Name: "handler.sh", Method: zip.Deflate}
-	h.SetMode(0o755)
-	w, err := zw.CreateHeader(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(w, "#!/bin/sh\n"+body)
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	dack, err := client.DeployFunction(ctxTimeout(t, 30*time.Second), &fluxpb.DeploymentPackage{FunctionName: name, CodeArchive: archive.Bytes()})
+	dack, err := client.DeployFunction(ctxTimeout(t, 30*time.Second), &fluxpb.DeploymentPackage{FunctionName: name, CodeArchive: handlerZip(t, "#!/bin/sh\n"+body)})
 	if err != nil || !dack.GetSuccess() {
 		t.Fatalf("DeployFunction %s: %v %v", name, dack, err)
 	}
