@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -89,3 +90,49 @@ func TestRedisCluster(t *testing.T) {
 		t.Errorf("after a restart on the cluster: %v", resp)
 	}
 }
+
+// The agent behind Redis Sentinel (redis_addr lists the Sentinels,
+// redis_master_name names the master).
+func TestRedisSentinel(t *testing.T) {
+	master := startRedis(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	conf := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nsentinel monitor fluxmaster %s 1\n",
+		port, dir, strings.Replace(master.Addr, ":", " ", 1))
+	confPath := dir + "/sentinel.conf"
+	if err := writeFile(confPath, conf); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("redis-server", confPath, "--sentinel")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	sentinel := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	sc := redis.NewSentinelClient(&redis.Options{Addr: sentinel})
+	defer sc.Close()
+	if !waitUntil(10*time.Second, func() bool {
+		addr, err := sc.GetMasterAddrByName(context.Background(), "fluxmaster").Result()
+		return err == nil && net.JoinHostPort(addr[0], addr[1]) == master.Addr
+	}) {
+		t.Fatal("the sentinel never named the master")
+	}
+	a := startAgent(t, &redisServer{Addr: sentinel}, agentOptions{
+		AgentID: "agent-sentinel",
+		YAML:    fmt.Sprintf("redis_addr: %q\nredis_master_name: fluxmaster\n", sentinel),
+	})
+	c := a.client(t)
+	install(t, c, fn{Name: "hello", Script: "echo via sentinel\n"})
+	resp, id := execSync(t, c, "hello")
+	if resp.GetError() != "" || string(resp.GetOutput()) != "via sentinel\n" {
+		t.Fatalf("sync behind sentinel: %v", resp)
+	}
+	// The record is in the master the sentinel named.
+	if n := master.Client.Exists(context.Background(), "flux:agent:agent-sentinel:exec:{"+id+"}").Val(); n != 1 {
+		t.Errorf("record not in the master (EXISTS = %d)", n)
+	}
+}
+
+func writeFile(path, body string) error { return os.WriteFile(path, []byte(body), 0o600) }
