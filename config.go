@@ -123,6 +123,9 @@ type TelemetryConfig struct {
 type LogConfig struct {
 	Format string `yaml:"format" env:"FORMAT"`
 	Level  string `yaml:"level" env:"LEVEL"`
+	// File, when set, receives the log instead of stderr (a Windows
+	// service has no stderr anyone reads).
+	File string `yaml:"file" env:"FILE"`
 }
 
 // DefaultConfig returns the configuration used when nothing is set.
@@ -294,7 +297,7 @@ func unwrapYAMLError(err error) error {
 }
 
 func (c *Config) resolvePaths() {
-	for _, p := range []*string{&c.TLS.CACert, &c.TLS.CertFile, &c.TLS.KeyFile} {
+	for _, p := range []*string{&c.TLS.CACert, &c.TLS.CertFile, &c.TLS.KeyFile, &c.Log.File} {
 		if *p != "" && !filepath.IsAbs(*p) && c.dir != "" {
 			*p = filepath.Join(c.dir, *p)
 		}

@@ -15,9 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"runtime"
-	"syscall"
 	"time"
 
 	"github.com/redis/go-redis/extra/redisotel/v9"
@@ -51,11 +49,14 @@ const maxMessageBytes = 64 << 20
 const telemetryFlushTimeout = 5 * time.Second
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(runUntilStopped(func(ctx context.Context) int {
+		return run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	}))
 }
 
-// run is the whole program; it returns the exit code.
-func run(args []string, stdout, stderr io.Writer) int {
+// run is the whole program; ctx ends when the agent is asked to stop (a
+// signal, or the Windows service manager). It returns the exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("flux-agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -70,12 +71,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "flux-agent %s (%s) %s/%s\n", version, commit, runtime.GOOS, runtime.GOARCH)
 		return 0
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	// After the first signal the default action is back: a second Ctrl-C
-	// or SIGTERM ends the agent at once, without the graceful shutdown.
-	context.AfterFunc(ctx, stop)
-
 	cfg, err := LoadConfig(ctx, envconfig.OsLookuper())
 	switch fs.Arg(0) {
 	case "":
@@ -95,7 +90,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "flux-agent: %v\n", err)
 		return 1
 	}
-	logger, err := telemetry.NewLogger(stderr, cfg.Log.Format, cfg.Log.Level)
+	logOut := stderr
+	if cfg.Log.File != "" {
+		f, err := os.OpenFile(cfg.Log.File, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			fmt.Fprintf(stderr, "flux-agent: log.file: %v\n", err)
+			return 1
+		}
+		defer f.Close()
+		logOut = f
+	}
+	logger, err := telemetry.NewLogger(logOut, cfg.Log.Format, cfg.Log.Level)
 	if err != nil {
 		fmt.Fprintf(stderr, "flux-agent: %v\n", err)
 		return 1

@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -560,5 +562,46 @@ func TestSyncCallerGivesUp(t *testing.T) {
 	}
 	if !waitUntil(5*time.Second, func() bool { return activeTasks(t, c) == 0 }) {
 		t.Errorf("the slot was not freed")
+	}
+}
+
+// log.file sends the log to a file instead of stderr (what a Windows
+// service needs), relative to the config file's folder.
+func TestLogFile(t *testing.T) {
+	rs := startRedis(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	cfg := fmt.Sprintf("listen_address: 127.0.0.1\nport: %d\nredis_addr: %s\napps_dir: %s/apps\nlog:\n  file: agent.log\ntelemetry:\n  metrics_address: \"\"\nnetwork:\n  public_ip_url: \"\"\n",
+		port, rs.Addr, dir)
+	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(agentBinary)
+	cmd.Env = []string{"AGENT_CONFIG=" + filepath.Join(dir, "agent.yaml"), "PATH=" + os.Getenv("PATH")}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	logPath := filepath.Join(dir, "agent.log")
+	if !waitUntil(30*time.Second, func() bool {
+		data, _ := os.ReadFile(logPath)
+		return strings.Contains(string(data), `"msg":"flux-agent started"`)
+	}) {
+		cmd.Process.Kill()
+		<-exited
+		t.Fatalf("no start line in %s; stderr:\n%s", logPath, stderr.String())
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := <-exited; err != nil {
+		t.Errorf("agent exit: %v", err)
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("the agent still wrote to stderr:\n%s", stderr.String())
+	}
+	if fi, err := os.Stat(logPath); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("log file mode: %v %v", fi, err)
 	}
 }
