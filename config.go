@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -567,6 +566,9 @@ func (b *ByteSize) EnvDecode(s string) error {
 	return nil
 }
 
+// MarshalYAML implements yaml.Marshaler: sizes print as they are written.
+func (b ByteSize) MarshalYAML() (any, error) { return b.String(), nil }
+
 // String shows the size the way it is best written.
 func (b ByteSize) String() string {
 	for _, u := range []struct {
@@ -589,34 +591,15 @@ func redactedRedisAddr(addr string) string {
 }
 
 // printConfig shows the effective configuration, secrets hidden, for
-// check-config.
-func printConfig(w io.Writer, cfg Config) {
-	rows := map[string]any{
-		"agent_id": cfg.AgentID, "port": cfg.Port, "listen_address": cfg.ListenAddress,
-		"redis_addr": redactedRedisAddr(cfg.RedisAddr), "redis_master_name": cfg.RedisMasterName,
-		"apps_dir": cfg.AppsDir, "max_tasks": cfg.MaxTasks, "queue_limit": cfg.QueueLimit,
-		"execution_ttl": cfg.ExecutionTTL, "output_limit": cfg.OutputLimit, "shutdown_grace": cfg.ShutdownGrace,
-		"tls.enabled": cfg.TLS.Enabled, "tls.ca_cert": cfg.TLS.CACert, "tls.cert_file": cfg.TLS.CertFile,
-		"tls.key_file":            cfg.TLS.KeyFile,
-		"network.node_private_ip": cfg.Network.NodePrivateIP, "network.node_public_ip": cfg.Network.NodePublicIP,
-		"network.public_ip_url": cfg.Network.PublicIPURL,
-		"sandbox.run_as_user":   cfg.Sandbox.RunAsUser, "sandbox.cgroup_root": cfg.Sandbox.CgroupRoot,
-		"sandbox.pids_limit": cfg.Sandbox.PidsLimit, "sandbox.kill_grace": cfg.Sandbox.KillGrace,
-		"sandbox.scratch_dir": cfg.Sandbox.ScratchDir, "sandbox.uid_range": cfg.Sandbox.UIDRange,
-		"deploy.max_bytes": cfg.Deploy.MaxBytes, "deploy.max_files": cfg.Deploy.MaxFiles,
-		"deploy.max_ratio": cfg.Deploy.MaxRatio, "deploy.keep_versions": cfg.Deploy.KeepVersions,
-		"telemetry.otlp_endpoint": cfg.Telemetry.OTLPEndpoint, "telemetry.otlp_protocol": cfg.Telemetry.OTLPProtocol,
-		"telemetry.otlp_insecure": cfg.Telemetry.OTLPInsecure, "telemetry.metrics_push": cfg.Telemetry.MetricsPush,
-		"telemetry.metrics_address": cfg.Telemetry.MetricsAddress,
-		"log.format":                cfg.Log.Format, "log.level": cfg.Log.Level,
+// check-config: as YAML made from the Config itself, so no key can be
+// left out, and the output is a valid config file.
+func printConfig(w io.Writer, cfg Config) error {
+	cfg.RedisAddr = redactedRedisAddr(cfg.RedisAddr)
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("render config: %w", err)
 	}
-	keys := make([]string, 0, len(rows))
-	for k := range rows {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	fmt.Fprintln(w, "configuration is valid; effective values:")
-	for _, k := range keys {
-		fmt.Fprintf(w, "  %-26s %v\n", k, rows[k])
-	}
+	fmt.Fprintln(w, "# configuration is valid; effective values:")
+	_, err = w.Write(data)
+	return err
 }

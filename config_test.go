@@ -265,3 +265,30 @@ func TestByteSize(t *testing.T) {
 		t.Errorf("String = %s", s)
 	}
 }
+
+// check-config's output is the whole effective config, as a config file:
+// parsed back it gives the same values, with the Redis password hidden.
+func TestPrintConfigRoundTrips(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.RedisAddr = "redis://user:s3cret@cache:6380/1"
+	cfg.TLS = TLSConfig{Enabled: true, CACert: "/etc/ca.pem", CertFile: "/etc/a.pem", KeyFile: "/etc/a-key.pem"}
+	cfg.Log.File = "/var/log/flux-agent.log"
+	cfg.Sandbox.UIDRange = "2000000-2000999"
+	var out strings.Builder
+	if err := printConfig(&out, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out.String(), "s3cret") {
+		t.Errorf("the Redis password is shown:\n%s", out.String())
+	}
+	back := DefaultConfig()
+	back.Port = 1
+	if err := back.Parse(strings.NewReader(out.String())); err != nil {
+		t.Fatalf("output is not a valid config: %v\n%s", err, out.String())
+	}
+	want := cfg
+	want.RedisAddr = redactedRedisAddr(cfg.RedisAddr)
+	if diff := cmp.Diff(want, back, cmp.AllowUnexported(Config{})); diff != "" {
+		t.Errorf("round trip (-want +got):\n%s", diff)
+	}
+}

@@ -79,7 +79,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "flux-agent: %v\n", err)
 			return 1
 		}
-		printConfig(stdout, cfg)
+		if err := printConfig(stdout, cfg); err != nil {
+			fmt.Fprintf(stderr, "flux-agent: %v\n", err)
+			return 1
+		}
 		return 0
 	default:
 		fmt.Fprintf(stderr, "flux-agent: unknown command %q\n", fs.Arg(0))
