@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
+	"reflect"
 	"slices"
 	"sync"
 	"time"
@@ -82,10 +84,17 @@ type networkFilter struct {
 	reported       map[uint32]uint64 // reports per uid since its last settle
 	suppressedSeen map[uint32]uint64 // the suppressed counter per uid at its last settle
 
-	// What the refreshed sets hold, and whether their sources are failing;
-	// owned by open, then by the refresh goroutine.
+	// What the refreshed sets hold, whether their sources are failing, and
+	// what the table held after the last change of ours; owned by open,
+	// then by the refresh goroutine.
 	dns, protected            [2][]netip.Addr // v4, v6
 	protectedDown, resolvDown bool
+	installed                 tableState
+
+	// monitor reports deletions in the namespace's nftables; tampered
+	// tells the refresh goroutine that one concerned this table.
+	monitor  *nftables.Monitor
+	tampered chan struct{}
 
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -133,6 +142,7 @@ func openNetworkFilter(ctx context.Context, opts networkFilterOptions) (_ *netwo
 		readerDone:     make(chan struct{}),
 		reported:       map[uint32]uint64{},
 		suppressedSeen: map[uint32]uint64{},
+		tampered:       make(chan struct{}, 1),
 	}
 	f.sets = newFilterSets(f.table)
 
@@ -165,14 +175,28 @@ func openNetworkFilter(ctx context.Context, opts networkFilterOptions) (_ *netwo
 	if err := f.install(); err != nil {
 		return nil, fmt.Errorf("network filter: install table %s: %w", opts.Table, f.diagnose(err))
 	}
+	defer func() {
+		if err != nil {
+			f.nft.DelTable(f.table)
+			_ = f.nft.Flush()
+		}
+	}()
+	if f.installed, err = f.readState(); err != nil {
+		return nil, fmt.Errorf("network filter: read back table %s: %w", opts.Table, err)
+	}
+	events, err := f.watch()
+	if err != nil {
+		return nil, fmt.Errorf("network filter: watch for changes to table %s: %w", opts.Table, err)
+	}
 	f.log.Info("network policy installed", "uids", fmt.Sprintf("%d-%d", opts.UIDs.First, opts.UIDs.First+opts.UIDs.Count-1),
 		"nflog_group", f.nflog.group, "protected", len(f.protected[0])+len(f.protected[1]))
 
 	loopCtx, cancel := context.WithCancel(context.Background())
 	f.cancel = cancel
-	f.wg.Add(2)
+	f.wg.Add(3)
 	go f.readReports()
 	go f.refreshLoop(loopCtx)
+	go f.forwardTampering(events)
 	return f, nil
 }
 
@@ -184,6 +208,7 @@ func (f *networkFilter) Close() error {
 		f.mu.Lock()
 		f.closing = true
 		f.mu.Unlock()
+		f.monitor.Close() // forwardTampering ends with its events
 		f.poke()
 		f.wg.Wait()
 
@@ -201,6 +226,9 @@ func (f *networkFilter) Close() error {
 
 // release closes the sockets; the table stays as it is.
 func (f *networkFilter) release() {
+	if f.monitor != nil {
+		_ = f.monitor.Close()
+	}
 	if f.nft != nil {
 		_ = f.nft.CloseLasting()
 	}
@@ -252,6 +280,9 @@ func (f *networkFilter) settle(ctx context.Context, uid uint32) (suppressed uint
 		}
 		f.mu.Lock()
 		suppressed = e.Counter.Packets - f.suppressedSeen[uid]
+		if e.Counter.Packets < f.suppressedSeen[uid] {
+			suppressed = e.Counter.Packets // the table was installed again since
+		}
 		f.suppressedSeen[uid] = e.Counter.Packets
 		f.mu.Unlock()
 	}
@@ -343,8 +374,10 @@ func (f *networkFilter) report(uid uint32, prefix string, dst netip.AddrPort, pr
 	}
 }
 
-// refreshLoop re-reads the protected addresses and resolv.conf, sooner
-// while they fail.
+// refreshLoop re-reads the protected addresses and resolv.conf (sooner
+// while they fail), and puts the table back when another program changed
+// it: an nftables reload that flushes the ruleset would otherwise leave the
+// functions unfiltered.
 func (f *networkFilter) refreshLoop(ctx context.Context) {
 	defer f.wg.Done()
 	t := time.NewTimer(f.nextRefresh())
@@ -353,6 +386,9 @@ func (f *networkFilter) refreshLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-f.tampered:
+			f.repair()
+			continue
 		case <-t.C:
 		}
 		old := [2][2][]netip.Addr{f.dns, f.protected}
@@ -366,8 +402,174 @@ func (f *networkFilter) refreshLoop(ctx context.Context) {
 			t.Reset(min(networkRetry, f.opts.Refresh))
 			continue
 		}
+		// Element deletions are not watched (they cannot be told apart
+		// from the refreshes'): this periodic check finds them.
+		if !f.repair() {
+			t.Reset(min(networkRetry, f.opts.Refresh))
+			continue
+		}
 		t.Reset(f.nextRefresh())
 	}
+}
+
+// repair compares the table with what was installed and, if another
+// program changed it, installs it again. It says whether the table is as
+// installed now.
+func (f *networkFilter) repair() bool {
+	now, err := f.readState()
+	if err == nil && now.equal(f.installed) {
+		return true
+	}
+	f.log.Error("network filter: the table was changed by another program; installing it again",
+		"err", errors.Join(err, f.installed.diff(now)))
+	if err := f.install(); err != nil {
+		f.log.Error("network filter: installing the table again failed; functions may be unfiltered", "err", err)
+		return false
+	}
+	if f.installed, err = f.readState(); err != nil {
+		f.log.Error("network filter: reading the table back failed", "err", err)
+		return false
+	}
+	return true
+}
+
+// tableState is what the table holds: the rules of each chain, the
+// number of elements of each address set.
+type tableState struct {
+	rules    map[string][][]expr.Any
+	elements map[string]int
+}
+
+func (s tableState) equal(o tableState) bool {
+	return reflect.DeepEqual(s.rules, o.rules) && maps.Equal(s.elements, o.elements)
+}
+
+// diff describes how got differs from s.
+func (s tableState) diff(got tableState) error {
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(s.rules)) {
+		if rules, ok := got.rules[name]; !ok {
+			errs = append(errs, fmt.Errorf("chain %s: missing", name))
+		} else if !reflect.DeepEqual(rules, s.rules[name]) {
+			errs = append(errs, fmt.Errorf("chain %s: %d rules, not the %d installed", name, len(rules), len(s.rules[name])))
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(s.elements)) {
+		if n, ok := got.elements[name]; !ok {
+			errs = append(errs, fmt.Errorf("set %s: missing", name))
+		} else if n != s.elements[name] {
+			errs = append(errs, fmt.Errorf("set %s: %d elements, not the %d installed", name, n, s.elements[name]))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// filterChains are the table's chains.
+var filterChains = []string{"output", "functions", "refuse", "reject"}
+
+// readState reads the table's state; a missing chain or set is missing
+// from the result.
+func (f *networkFilter) readState() (tableState, error) {
+	f.nftMu.Lock()
+	defer f.nftMu.Unlock()
+	st := tableState{rules: map[string][][]expr.Any{}, elements: map[string]int{}}
+	if _, err := f.nft.ListTableOfFamily(f.table.Name, f.table.Family); errors.Is(err, unix.ENOENT) {
+		return st, nil
+	} else if err != nil {
+		return st, err
+	}
+	for _, name := range filterChains {
+		rules, err := f.nft.GetRules(f.table, &nftables.Chain{Name: name, Table: f.table})
+		if errors.Is(err, unix.ENOENT) {
+			continue
+		} else if err != nil {
+			return st, err
+		}
+		st.rules[name] = make([][]expr.Any, len(rules))
+		for i, r := range rules {
+			st.rules[name][i] = r.Exprs
+		}
+	}
+	for _, set := range slices.Concat(f.sets.deny[:], f.sets.protected[:], f.sets.dns[:]) {
+		elems, err := f.nft.GetSetElements(set)
+		if err != nil {
+			// google/nftables loses the errno here: a missing set reads
+			// as missing, and a real failure shows as a difference.
+			continue
+		}
+		st.elements[set.Name] = len(elems)
+	}
+	return st, nil
+}
+
+// watch subscribes to the changes in the namespace's nftables.
+func (f *networkFilter) watch() (chan *nftables.MonitorEvents, error) {
+	var connOpts []nftables.ConnOption
+	if f.opts.netnsFD > 0 {
+		connOpts = append(connOpts, nftables.WithNetNSFd(f.opts.netnsFD))
+	}
+	c, err := nftables.New(connOpts...)
+	if err != nil {
+		return nil, err
+	}
+	// Everything: google/nftables v0.3.0 delivers nothing for narrower
+	// choices (its flag test reads (flags&1)<<type).
+	m := nftables.NewMonitor()
+	events, err := c.AddGenerationalMonitor(m)
+	if err != nil {
+		return nil, err
+	}
+	f.monitor = m
+	return events, nil
+}
+
+// forwardTampering tells the refresh goroutine about deletions in this
+// table, coalesced, so that the monitor never waits for it. It ends when
+// the monitor does (Close, or a netlink error; then the periodic check
+// stays).
+func (f *networkFilter) forwardTampering(events chan *nftables.MonitorEvents) {
+	defer f.wg.Done()
+	for gen := range events {
+		for _, ev := range gen.Changes {
+			if ev.Type == nftables.MonitorEventTypeOOB {
+				f.mu.Lock()
+				closing := f.closing
+				f.mu.Unlock()
+				if !closing {
+					f.log.Warn("network filter: watching the table stopped; it is still checked every refresh", "err", ev.Error)
+				}
+				continue
+			}
+			switch ev.Type {
+			case nftables.MonitorEventTypeDelTable, nftables.MonitorEventTypeDelChain, nftables.MonitorEventTypeDelRule, nftables.MonitorEventTypeDelSet:
+			default:
+				continue
+			}
+			if !f.concerns(ev.Data) {
+				continue
+			}
+			select {
+			case f.tampered <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// concerns says whether a deleted object was this table or in it.
+func (f *networkFilter) concerns(obj any) bool {
+	var t *nftables.Table
+	switch o := obj.(type) {
+	case *nftables.Table:
+		t = o
+	case *nftables.Chain:
+		t = o.Table
+	case *nftables.Rule:
+		t = o.Table
+	case *nftables.Set:
+		t = o.Table
+	}
+	return t != nil && t.Name == f.table.Name && t.Family == f.table.Family
 }
 
 func (f *networkFilter) nextRefresh() time.Duration {
@@ -448,7 +650,15 @@ func (f *networkFilter) updateSets(old [2][2][]netip.Addr) error {
 	if !changed {
 		return nil
 	}
-	return f.nft.Flush()
+	if err := f.nft.Flush(); err != nil {
+		return err
+	}
+	for i, sets := range [2][2]*nftables.Set{f.sets.dns, f.sets.protected} {
+		for fam, set := range sets {
+			f.installed.elements[set.Name] = len([2][2][]netip.Addr{f.dns, f.protected}[i][fam])
+		}
+	}
+	return nil
 }
 
 // splitAddrs sorts addresses into IPv4 and IPv6 (IPv4-mapped ones are

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -933,4 +935,105 @@ func BenchmarkNetworkFilterSettle(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// logBuffer collects a logger's text output.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func (l *logBuffer) logger() *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
+
+// waitUntil polls cond until it holds, or fails the test after 10 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestNetworkFilterRepairsTable changes the table the way another program
+// would (an nftables reload flushing the ruleset, a rule replaced, set
+// elements deleted): the filter puts it back, at once for what the kernel
+// announces, within a refresh period for set elements.
+func TestNetworkFilterRepairsTable(t *testing.T) {
+	n := requireNetfilter(t)
+	serve(t, n.node, testPort)
+	serve(t, n.peer, testPort)
+	uid := testUIDs.First
+	refused := func(addr string) bool { return errors.Is(dialAs(n, uid, "tcp", addr), unix.ECONNREFUSED) }
+	other, err := nftables.New(nftables.WithNetNSFd(int(n.node.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("announced", func(t *testing.T) {
+		const table = "flux-agent-repair"
+		var log logBuffer
+		f := openTestFilter(t, n, networkFilterOptions{Table: table, Refresh: time.Hour, Logger: log.logger()})
+		_, want := nftState(t, n, table)
+
+		other.FlushRuleset()
+		if err := other.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		waitUntil(t, "loopback refused again after a ruleset flush", func() bool { return refused("127.0.0.1:7000") })
+		t.Logf("ruleset flush repaired in %v", time.Since(start))
+		if _, got := nftState(t, n, table); !maps.Equal(got, want) {
+			t.Errorf("rules after the repair: %v, want %v", got, want)
+		}
+
+		rules, err := other.GetRules(f.table, &nftables.Chain{Name: "output", Table: f.table})
+		if err != nil || len(rules) != 1 {
+			t.Fatalf("output chain: %v, %v", rules, err)
+		}
+		// The same number of rules, one of them different: accept all.
+		other.ReplaceRule(&nftables.Rule{Table: f.table, Chain: rules[0].Chain, Handle: rules[0].Handle, Exprs: verdict(expr.VerdictAccept, "")})
+		if err := other.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "the output chain's rule back", func() bool {
+			_, got := nftState(t, n, table)
+			return strings.Contains(log.String(), "chain output: 1 rules, not the 1 installed") && maps.Equal(got, want)
+		})
+		if !refused("127.0.0.1:7000") {
+			t.Error("loopback reachable after the repair")
+		}
+	})
+
+	t.Run("elements", func(t *testing.T) {
+		var log logBuffer
+		f := openTestFilter(t, n, networkFilterOptions{Table: "flux-agent-repair-elements", Refresh: 20 * time.Millisecond, Logger: log.logger()})
+		if !refused("169.254.1.2:7000") {
+			t.Fatal("link-local reachable")
+		}
+		linkLocal := []nftables.SetElement{{Key: []byte{169, 254, 0, 0}}, {Key: []byte{169, 255, 0, 0}, IntervalEnd: true}}
+		if err := other.SetDeleteElements(f.sets.deny[0], linkLocal); err != nil {
+			t.Fatal(err)
+		}
+		if err := other.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "link-local refused again", func() bool {
+			return strings.Contains(log.String(), "set deny4: 7 elements, not the 9 installed") && refused("169.254.1.2:7000")
+		})
+	})
 }
