@@ -617,8 +617,13 @@ func (f *networkFilter) readSources(ctx context.Context) {
 	f.protected = splitAddrs(addrs)
 }
 
+// readResolvConf reads the nameservers of path; a missing file lists none
+// (the resolver then asks no one either).
 func readResolvConf(path string) ([]netip.Addr, error) {
 	file, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -831,13 +836,16 @@ func (f *networkFilter) install() error {
 			Group: f.nflog.group, Data: []byte(f.prefix), Snaplen: nflogCopyRange, QThreshold: 1},
 		&expr.Verdict{Kind: expr.VerdictGoto, Chain: reject.Name})
 
-	// Refused fast: TCP gets a reset, so connect fails at once with
-	// ECONNREFUSED. Anything else is dropped on its way out, which fails
-	// the send itself with EPERM; an ICMP error would tell a local sender
-	// nothing more, and its rate limit would turn some of those failures
-	// into a later EHOSTUNREACH.
+	// Refused fast. TCP gets a reset: connect fails at once with
+	// ECONNREFUSED. UDP is dropped on its way out, which fails the send
+	// itself with EPERM (an ICMP error would add nothing for a local
+	// sender, and, rate-limited, would turn some later sends into
+	// EHOSTUNREACH instead). Anything else gets an ICMP "administratively
+	// prohibited" too: an ICMPv6 echo's send does not fail when dropped,
+	// and ping learns it from the error.
 	rule(reject, cat(matchL4(unix.IPPROTO_TCP), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}})...)
-	rule(reject, &expr.Verdict{Kind: expr.VerdictDrop})
+	rule(reject, cat(matchL4(unix.IPPROTO_UDP), verdict(expr.VerdictDrop, ""))...)
+	rule(reject, &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED})
 	return c.Flush()
 }
 

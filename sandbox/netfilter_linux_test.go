@@ -248,7 +248,8 @@ func probeAs(t *testing.T, n *testNet, uid uint32, targets []string) []probeResu
 
 // runProbeChild tries each target ("network address") and prints one JSON
 // result per line. Networks: tcp, udp; tcp6m and udp6m for an IPv4-mapped
-// address on an IPv6 socket (what Go's net refuses to do).
+// address on an IPv6 socket (what Go's net refuses to do); icmp and icmp6
+// for an echo from an unprivileged ping socket.
 func runProbeChild(targets []string) int {
 	enc := json.NewEncoder(os.Stdout)
 	for _, target := range targets {
@@ -260,6 +261,8 @@ func runProbeChild(targets []string) int {
 			err = probeNet(network, addr)
 		case "tcp6m", "udp6m":
 			err = probeMapped(network, addr)
+		case "icmp", "icmp6":
+			err = probePing(network, addr)
 		default:
 			err = fmt.Errorf("unknown network %q", network)
 		}
@@ -351,6 +354,41 @@ func probeMapped(network, addr string) error {
 		}
 	}
 	if _, err := unix.Read(fd, make([]byte, 16)); err != nil {
+		if errors.Is(err, unix.EAGAIN) {
+			return os.ErrDeadlineExceeded
+		}
+		return err
+	}
+	return nil
+}
+
+func probePing(network, addr string) error {
+	a, err := netip.ParseAddr(addr)
+	if err != nil {
+		return err
+	}
+	family, proto, sa, echo := unix.AF_INET6, unix.IPPROTO_ICMPV6, unix.Sockaddr(&unix.SockaddrInet6{Addr: a.As16()}), byte(128)
+	if network == "icmp" {
+		family, proto, sa, echo = unix.AF_INET, unix.IPPROTO_ICMP, &unix.SockaddrInet4{Addr: a.As4()}, 8
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, proto)
+	if err != nil {
+		return fmt.Errorf("ping socket: %w", err)
+	}
+	defer unix.Close(fd)
+	tv := unix.NsecToTimeval(probeTimeout.Nanoseconds())
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	// As ping does: ICMP errors answering the echo fail the receive.
+	if family == unix.AF_INET6 {
+		unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1)
+	} else {
+		unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+	}
+	// The kernel sets the identifier and the checksum.
+	if err := unix.Sendto(fd, []byte{echo, 0, 0, 0, 0, 0, 0, 1, 'p', 'i', 'n', 'g'}, 0, sa); err != nil {
+		return err
+	}
+	if _, _, err := unix.Recvfrom(fd, make([]byte, 64), 0); err != nil {
 		if errors.Is(err, unix.EAGAIN) {
 			return os.ErrDeadlineExceeded
 		}
@@ -465,6 +503,14 @@ func TestNetworkFilterPolicy(t *testing.T) {
 		serve(t, n.node, port)
 	}
 	serve(t, n.peer, testPort)
+	// Unprivileged ping sockets for every uid, so that functions can try
+	// ICMP.
+	err := inNetNS(int(n.node.Fd()), func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	var log reportLog
 	f := openTestFilter(t, n, networkFilterOptions{
 		Policy: NetworkPolicy{
@@ -505,6 +551,9 @@ func TestNetworkFilterPolicy(t *testing.T) {
 		target{"udp6m [::ffff:127.0.0.1]:7000", "127.0.0.1:7000"},
 		target{"tcp6m [::ffff:10.250.0.3]:7000", "10.250.0.3:7000"},
 		target{"udp 10.250.0.255:7000", ""}, // the node's subnet broadcast
+		target{"icmp 127.0.0.1", "127.0.0.1:0"},
+		target{"icmp6 ::1", "[::1]:0"},
+		target{"icmp 169.254.169.254", "169.254.169.254:0"},
 	)
 	for _, a := range []string{
 		"10.250.0.2:7000", "[fd00:250::2]:7000", // another host
@@ -513,6 +562,7 @@ func TestNetworkFilterPolicy(t *testing.T) {
 	} {
 		both(&allowed, a)
 	}
+	allowed = append(allowed, target{probe: "icmp 10.250.0.2"}, target{probe: "icmp6 fd00:250::2"})
 	var targets []string
 	for _, list := range [][]target{refused, allowed} {
 		for _, tg := range list {
@@ -542,10 +592,15 @@ func TestNetworkFilterPolicy(t *testing.T) {
 				}
 				continue
 			}
-			// Fast and explicit: TCP is reset, anything else fails to send.
-			want := "ECONNREFUSED"
-			if !strings.HasPrefix(r.Target, "tcp") {
-				want = "EPERM"
+			// Fast and explicit: TCP is reset, anything else fails to send,
+			// but for an ICMPv6 echo, whose send the kernel lets succeed:
+			// the ICMPv6 error answering it fails the receive.
+			want := "EPERM"
+			switch {
+			case strings.HasPrefix(r.Target, "tcp"):
+				want = "ECONNREFUSED"
+			case strings.HasPrefix(r.Target, "icmp6"):
+				want = "EACCES"
 			}
 			if r.Result != "refused" || r.Errno != want || r.Millis > 1000 {
 				t.Errorf("%s: %s %s after %.1f ms, want refused with %s within 1 s", r.Target, r.Result, r.Errno, r.Millis, want)
@@ -564,7 +619,8 @@ func TestNetworkFilterPolicy(t *testing.T) {
 				addr = tg.reported
 			}
 			ap := netip.MustParseAddrPort(addr)
-			want = append(want, BlockedConnection{UID: uid, Destination: netip.AddrPortFrom(ap.Addr().WithZone(""), ap.Port()), Protocol: network[:3]})
+			proto := map[string]string{"tcp": "tcp", "tcp6m": "tcp", "udp": "udp", "udp6m": "udp", "icmp": "icmp", "icmp6": "icmpv6"}[network]
+			want = append(want, BlockedConnection{UID: uid, Destination: netip.AddrPortFrom(ap.Addr().WithZone(""), ap.Port()), Protocol: proto})
 		}
 		if diff := cmp.Diff(want, log.of(uid), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
 			t.Errorf("reports (-want +got):\n%s", diff)

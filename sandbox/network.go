@@ -3,6 +3,8 @@ package sandbox
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +31,25 @@ const (
 	// untrusted code.
 	NetworkHost NetworkMode = "host"
 )
+
+// networkTableName is the nftables table of the agent agentID: stable, so
+// that a restarted agent replaces its own table, and apart from other
+// agents' on the same host. Readable when the id is a plain name, hashed
+// otherwise.
+func networkTableName(agentID string) string {
+	const prefix = "flux-agent-"
+	plain := len(agentID) > 0 && len(agentID) <= 64
+	for _, r := range agentID {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			plain = false
+		}
+	}
+	if plain {
+		return prefix + agentID
+	}
+	sum := sha256.Sum256([]byte(agentID))
+	return prefix + hex.EncodeToString(sum[:8])
+}
 
 // ErrInvalidNetworkPolicy is wrapped by the parsers of this file for a value
 // they refuse.

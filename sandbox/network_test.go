@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -171,6 +172,24 @@ func TestProtocolName(t *testing.T) {
 	for p, want := range map[uint8]string{1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "132"} {
 		if got := protocolName(p); got != want {
 			t.Errorf("protocolName(%d) = %q, want %q", p, got, want)
+		}
+	}
+}
+
+func TestNetworkTableName(t *testing.T) {
+	for in, want := range map[string]string{
+		"node-1.eu": "flux-agent-node-1.eu",
+		"Node_2":    "flux-agent-Node_2",
+		"":          "flux-agent-e3b0c44298fc1c14", // sha256, first 8 bytes
+		"a b":       "flux-agent-c8687a08aa5d6ed2",
+	} {
+		if got := networkTableName(in); got != want {
+			t.Errorf("networkTableName(%q) = %q, want %q", in, got, want)
+		}
+	}
+	for _, in := range []string{strings.Repeat("x", 65), "fluxé", "a/b", "a\nb"} {
+		if got := networkTableName(in); len(got) != len("flux-agent-")+16 {
+			t.Errorf("networkTableName(%q) = %q, want it hashed", in, got)
 		}
 	}
 }
