@@ -103,11 +103,19 @@ func skipTB(t testing.TB, need, format string, args ...any) {
 	t.Skipf(format, args...)
 }
 
+// testNetPrefix starts the names of the test's namespaces; the pid follows,
+// so that a later run can remove what a killed one left.
+const testNetPrefix = "fluxnf-"
+
+var sweepTestNets sync.Once
+
 func newTestNet(t testing.TB) *testNet {
 	t.Helper()
-	id := fmt.Sprintf("%d%d", os.Getpid()%100000, testNetCount.Add(1))
-	n := &testNet{nodeName: "fluxnf-node-" + id, veth: "fnfn" + id}
-	peerName, peerVeth := "fluxnf-peer-"+id, "fnfp"+id
+	sweepTestNets.Do(removeStaleTestNets)
+	id := fmt.Sprintf("%s%d-%d", testNetPrefix, os.Getpid(), testNetCount.Add(1))
+	// Each namespace is new: the veth names need no uniqueness.
+	n := &testNet{nodeName: id + "-node", veth: "vnode"}
+	peerName, peerVeth := id+"-peer", "vpeer"
 	ip := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
@@ -145,6 +153,24 @@ func newTestNet(t testing.TB) *testNet {
 	}
 	t.Cleanup(func() { n.peer.Close() })
 	return n
+}
+
+// removeStaleTestNets deletes the namespaces of test runs that were killed
+// before their cleanup.
+func removeStaleTestNets() {
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), testNetPrefix)
+		if !ok {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || unix.Kill(pid, 0) != unix.ESRCH {
+			continue
+		}
+		exec.Command("ip", "netns", "del", e.Name()).Run()
+	}
 }
 
 // serve answers TCP ("ok", then close) and UDP (an echo) on port in every
@@ -908,44 +934,61 @@ func TestNetworkFilterNeedsCapNetAdmin(t *testing.T) {
 	}
 }
 
-// inNodeAs runs f on a thread inside the node namespace whose new sockets
-// belong to uid.
-func inNodeAs(b *testing.B, n *testNet, uid uint32, f func() error) {
+// pairedCase is one side of a paired benchmark: a namespace and the uid
+// whose sockets or processes are measured there.
+type pairedCase struct {
+	name string
+	ns   *os.File
+	uid  uint32
+}
+
+// benchPaired runs op once per case per iteration, cases interleaved in a
+// rotating order so that a noisy machine weighs on all alike, from one thread that moves
+// between the namespaces (untimed), and reports each case's mean as
+// <name>-ns/op.
+func benchPaired(b *testing.B, cases []pairedCase, op func(c pairedCase) error) {
 	b.Helper()
-	err := inNetNS(int(n.node.Fd()), func() error {
-		if err := unix.Setfsuid(int(uid)); err != nil {
-			return err
+	total := make([]time.Duration, len(cases))
+	err := inNetNS(int(cases[0].ns.Fd()), func() error {
+		for n := range b.N {
+			for k := range cases {
+				// Each case first in turn: no case always follows another.
+				i := (n + k) % len(cases)
+				c := cases[i]
+				if err := unix.Setns(int(c.ns.Fd()), unix.CLONE_NEWNET); err != nil {
+					return err
+				}
+				if err := unix.Setfsuid(int(c.uid)); err != nil {
+					return err
+				}
+				start := time.Now()
+				if err := op(c); err != nil {
+					return fmt.Errorf("%s: %w", c.name, err)
+				}
+				total[i] += time.Since(start)
+			}
 		}
-		return f()
+		return nil
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
+	for i, c := range cases {
+		b.ReportMetric(float64(total[i].Nanoseconds())/float64(b.N), c.name+"-ns/op")
+	}
+	b.ReportMetric(0, "ns/op") // the sum of the cases says nothing
 }
 
 // BenchmarkNetworkFilterConnect is the cost of the filter to an allowed
-// connection: TCP connect and close (a reset, so no TIME_WAIT piles up)
-// to the peer, without the table, with it for a uid outside the range
-// (every other process of the host), and for a function's uid.
+// connection: TCP connect and close (a reset, so no TIME_WAIT piles up) to
+// the peer, from a function's uid in a node without the table ("plain"),
+// and in a node with it from a uid outside the range (every other process
+// of the host: "other") and from a function's ("function").
 func BenchmarkNetworkFilterConnect(b *testing.B) {
-	n := requireNetfilter(b)
-	serve(b, n.peer, testPort)
-	connect := func(b *testing.B, uid uint32) {
-		inNodeAs(b, n, uid, func() error {
-			b.ResetTimer()
-			for range b.N {
-				c, err := net.Dial("tcp", "10.250.0.2:7000")
-				if err != nil {
-					return err
-				}
-				c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			}
-			return nil
-		})
-	}
-	b.Run("no-table", func(b *testing.B) { connect(b, testUIDs.First) })
-	openTestFilter(b, n, networkFilterOptions{
+	plain, filtered := requireNetfilter(b), newTestNet(b)
+	serve(b, plain.peer, testPort)
+	serve(b, filtered.peer, testPort)
+	openTestFilter(b, filtered, networkFilterOptions{
 		Policy: NetworkPolicy{
 			Deny:  []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8::/32")},
 			Allow: []NetworkException{{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125}},
@@ -954,31 +997,57 @@ func BenchmarkNetworkFilterConnect(b *testing.B) {
 			},
 		},
 	})
-	b.Run("other-uid", func(b *testing.B) { connect(b, testOtherUID) })
-	b.Run("function-uid", func(b *testing.B) { connect(b, testUIDs.First) })
+	cases := []pairedCase{{"plain", plain.node, testUIDs.First}, {"other", filtered.node, testOtherUID}, {"function", filtered.node, testUIDs.First}}
+	benchPaired(b, cases, func(pairedCase) error {
+		c, err := net.Dial("tcp", "10.250.0.2:7000")
+		if err != nil {
+			return err
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		return c.Close()
+	})
+}
+
+// BenchmarkNetworkFilterSend is the filter's cost per packet: one UDP
+// datagram to the peer per operation, cases as in
+// BenchmarkNetworkFilterConnect.
+func BenchmarkNetworkFilterSend(b *testing.B) {
+	plain, filtered := requireNetfilter(b), newTestNet(b)
+	openTestFilter(b, filtered, networkFilterOptions{})
+	to := &unix.SockaddrInet4{Port: testPort, Addr: [4]byte{10, 250, 0, 2}}
+	sockets := map[string]int{} // per case, made by its uid in its namespace
+	defer func() {
+		for _, fd := range sockets {
+			unix.Close(fd)
+		}
+	}()
+	cases := []pairedCase{{"plain", plain.node, testUIDs.First}, {"other", filtered.node, testOtherUID}, {"function", filtered.node, testUIDs.First}}
+	benchPaired(b, cases, func(c pairedCase) error {
+		fd, ok := sockets[c.name]
+		if !ok {
+			var err error
+			if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+				return err
+			}
+			sockets[c.name] = fd
+		}
+		return unix.Sendto(fd, []byte("x"), 0, to)
+	})
 }
 
 // BenchmarkNetworkFilterProcessStart is the cost of the filter to starting
-// a function process (as its uid, in the node namespace): none is
-// expected, the filter does nothing per start.
+// a function process (fork, exec and wait of /bin/true as a function's
+// uid) in a node without the table and in one with it: none is expected,
+// the filter does nothing per start.
 func BenchmarkNetworkFilterProcessStart(b *testing.B) {
-	n := requireNetfilter(b)
-	start := func(b *testing.B) {
-		inNodeAs(b, n, 0, func() error {
-			b.ResetTimer()
-			for range b.N {
-				cmd := exec.Command("/bin/true")
-				cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: testUIDs.First, Gid: testUIDs.First}}
-				if err := cmd.Run(); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}
-	b.Run("no-table", start)
-	openTestFilter(b, n, networkFilterOptions{})
-	b.Run("filtered", start)
+	plain, filtered := requireNetfilter(b), newTestNet(b)
+	openTestFilter(b, filtered, networkFilterOptions{})
+	cases := []pairedCase{{"plain", plain.node, 0}, {"filtered", filtered.node, 0}}
+	benchPaired(b, cases, func(pairedCase) error {
+		cmd := exec.Command("/bin/true")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: testUIDs.First, Gid: testUIDs.First}}
+		return cmd.Run()
+	})
 }
 
 // BenchmarkNetworkFilterSettle is what the end of an execution that had
@@ -1092,4 +1161,40 @@ func TestNetworkFilterRepairsTable(t *testing.T) {
 			return strings.Contains(log.String(), "set deny4: 7 elements, not the 9 installed") && refused("169.254.1.2:7000")
 		})
 	})
+}
+
+// TestNetworkFilterNFLOGGroupTaken starts the filter in a namespace where
+// another program holds its first NFLOG group: it takes the next one, and
+// its rules log to the group it got.
+func TestNetworkFilterNFLOGGroupTaken(t *testing.T) {
+	n := requireNetfilter(t)
+	const table = "flux-agent-group"
+	groups := nflogGroupCandidates(table)
+	holder, err := openNFLOG(int(n.node.Fd()), groups[:1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.close()
+
+	var log reportLog
+	f := openTestFilter(t, n, networkFilterOptions{Table: table, OnBlocked: log.add})
+	if f.nflog.group != groups[1] {
+		t.Errorf("group %d, want %d (the first candidate is taken)", f.nflog.group, groups[1])
+	}
+	uid := testUIDs.First + 2
+	if err := dialAs(n, uid, "udp", "127.0.0.1:7000"); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("loopback: %v", err)
+	}
+	if _, err := f.settle(context.Background(), uid); err != nil {
+		t.Fatal(err)
+	}
+	want := []BlockedConnection{{UID: uid, Destination: netip.MustParseAddrPort("127.0.0.1:7000"), Protocol: "udp"}}
+	if diff := cmp.Diff(want, log.of(uid), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
+		t.Errorf("reports (-want +got):\n%s", diff)
+	}
+	// The holder's group hears nothing of this table.
+	var heard int
+	if _, err := holder.receive(func(uint32, string, netip.AddrPort, uint8) { heard++ }); err != nil || heard != 0 {
+		t.Errorf("the other program's group got %d reports (%v)", heard, err)
+	}
 }
