@@ -172,7 +172,8 @@ func openNetworkFilter(ctx context.Context, opts networkFilterOptions) (_ *netwo
 	}
 
 	f.readSources(ctx)
-	if err := f.install(); err != nil {
+	counts, err := f.install()
+	if err != nil {
 		return nil, fmt.Errorf("network filter: install table %s: %w", opts.Table, f.diagnose(err))
 	}
 	defer func() {
@@ -181,8 +182,8 @@ func openNetworkFilter(ctx context.Context, opts networkFilterOptions) (_ *netwo
 			_ = f.nft.Flush()
 		}
 	}()
-	if f.installed, err = f.readState(); err != nil {
-		return nil, fmt.Errorf("network filter: read back table %s: %w", opts.Table, err)
+	if err := f.readBack(counts); err != nil {
+		return nil, fmt.Errorf("network filter: table %s: %w", opts.Table, err)
 	}
 	events, err := f.watch()
 	if err != nil {
@@ -422,15 +423,53 @@ func (f *networkFilter) repair() bool {
 	}
 	f.log.Error("network filter: the table was changed by another program; installing it again",
 		"err", errors.Join(err, f.installed.diff(now)))
-	if err := f.install(); err != nil {
+	counts, err := f.install()
+	if err == nil {
+		err = f.readBack(counts)
+	}
+	if err != nil {
 		f.log.Error("network filter: installing the table again failed; functions may be unfiltered", "err", err)
 		return false
 	}
-	if f.installed, err = f.readState(); err != nil {
-		f.log.Error("network filter: reading the table back failed", "err", err)
-		return false
-	}
+	f.log.Info("network filter: table installed again")
 	return true
+}
+
+// readBack reads the table just installed as the state later checks
+// compare with, once it holds what counts says was installed (another
+// program may change it in between).
+func (f *networkFilter) readBack(counts tableCounts) error {
+	st, err := f.readState()
+	if err != nil {
+		return fmt.Errorf("read back: %w", err)
+	}
+	if err := counts.diff(st); err != nil {
+		return fmt.Errorf("changed as soon as installed: %w", err)
+	}
+	f.installed = st
+	return nil
+}
+
+// tableCounts is how many rules each chain and elements each address set
+// of the table has.
+type tableCounts struct {
+	rules, elements map[string]int
+}
+
+// diff describes how st differs from c.
+func (c tableCounts) diff(st tableState) error {
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(c.rules)) {
+		if n := len(st.rules[name]); n != c.rules[name] {
+			errs = append(errs, fmt.Errorf("chain %s: %d rules, not %d", name, n, c.rules[name]))
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.elements)) {
+		if n, ok := st.elements[name]; !ok || n != c.elements[name] {
+			errs = append(errs, fmt.Errorf("set %s: %d elements, not %d", name, n, c.elements[name]))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // tableState is what the table holds: the rules of each chain, the
@@ -450,8 +489,10 @@ func (s tableState) diff(got tableState) error {
 	for _, name := range slices.Sorted(maps.Keys(s.rules)) {
 		if rules, ok := got.rules[name]; !ok {
 			errs = append(errs, fmt.Errorf("chain %s: missing", name))
-		} else if !reflect.DeepEqual(rules, s.rules[name]) {
+		} else if len(rules) != len(s.rules[name]) {
 			errs = append(errs, fmt.Errorf("chain %s: %d rules, not the %d installed", name, len(rules), len(s.rules[name])))
+		} else if !reflect.DeepEqual(rules, s.rules[name]) {
+			errs = append(errs, fmt.Errorf("chain %s: a rule changed", name))
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(s.elements)) {
@@ -738,11 +779,19 @@ func newFilterSets(t *nftables.Table) filterSets {
 }
 
 // install replaces the table in one transaction: if an earlier run left
-// it, its rules hold until the new ones take over, and no copy remains.
-func (f *networkFilter) install() error {
+// it, its rules hold until the new ones take over, and no copy remains. It
+// returns how many rules each chain and elements each address set got.
+func (f *networkFilter) install() (counts tableCounts, err error) {
 	f.nftMu.Lock()
 	defer f.nftMu.Unlock()
 	c, t := f.nft, f.table
+	counts = tableCounts{rules: map[string]int{}, elements: map[string]int{}}
+	addSet := func(set *nftables.Set, elems []nftables.SetElement) error {
+		if set.KeyType != nftables.TypeUID {
+			counts.elements[set.Name] = len(elems)
+		}
+		return c.AddSet(set, elems)
+	}
 	c.AddTable(t) // so that the delete cannot fail when there is none
 	c.DelTable(t)
 	c.AddTable(t)
@@ -758,21 +807,21 @@ func (f *networkFilter) install() error {
 		deny[fam] = append(deny[fam], p)
 	}
 	for fam := range 2 {
-		if err := c.AddSet(f.sets.deny[fam], intervalElements(deny[fam])); err != nil {
-			return err
+		if err := addSet(f.sets.deny[fam], intervalElements(deny[fam])); err != nil {
+			return counts, err
 		}
-		if err := c.AddSet(f.sets.protected[fam], addrElements(f.protected[fam])); err != nil {
-			return err
+		if err := addSet(f.sets.protected[fam], addrElements(f.protected[fam])); err != nil {
+			return counts, err
 		}
-		if err := c.AddSet(f.sets.dns[fam], addrElements(f.dns[fam])); err != nil {
-			return err
+		if err := addSet(f.sets.dns[fam], addrElements(f.dns[fam])); err != nil {
+			return counts, err
 		}
 	}
-	if err := c.AddSet(f.sets.reportLimit, nil); err != nil {
-		return err
+	if err := addSet(f.sets.reportLimit, nil); err != nil {
+		return counts, err
 	}
-	if err := c.AddSet(f.sets.suppressed, nil); err != nil {
-		return err
+	if err := addSet(f.sets.suppressed, nil); err != nil {
+		return counts, err
 	}
 
 	accept := nftables.ChainPolicyAccept
@@ -783,6 +832,7 @@ func (f *networkFilter) install() error {
 	reject := c.AddChain(&nftables.Chain{Name: "reject", Table: t})
 	rule := func(ch *nftables.Chain, exprs ...expr.Any) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: exprs})
+		counts.rules[ch.Name]++
 	}
 	cat := func(parts ...[]expr.Any) []expr.Any { return slices.Concat(parts...) }
 
@@ -846,7 +896,7 @@ func (f *networkFilter) install() error {
 	rule(reject, cat(matchL4(unix.IPPROTO_TCP), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}})...)
 	rule(reject, cat(matchL4(unix.IPPROTO_UDP), verdict(expr.VerdictDrop, ""))...)
 	rule(reject, &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED})
-	return c.Flush()
+	return counts, c.Flush()
 }
 
 func verdict(kind expr.VerdictKind, chain string) []expr.Any {
