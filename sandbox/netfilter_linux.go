@@ -40,8 +40,9 @@ var errNetworkFilterClosed = errors.New("network filter closed")
 
 // networkFilterOptions configure openNetworkFilter.
 type networkFilterOptions struct {
-	// Table is the agent's own nftables table (family inet); the caller
-	// derives it per agent, since several agents may share a host.
+	// Table is the agent's own nftables table (family inet):
+	// networkTableName(agent id), since several agents may share a host
+	// and a restarted agent must find its own.
 	Table string
 	// UIDs are the uids functions run as; packets of every other uid are
 	// never looked at beyond that check.
