@@ -1198,3 +1198,24 @@ func TestNetworkFilterNFLOGGroupTaken(t *testing.T) {
 		t.Errorf("the other program's group got %d reports (%v)", heard, err)
 	}
 }
+
+// TestNetworkFilterNodeAddressAddedLater adds an address to the node after
+// the filter is installed: it is the node's, so refused, with no refresh.
+func TestNetworkFilterNodeAddressAddedLater(t *testing.T) {
+	n := requireNetfilter(t)
+	serve(t, n.node, testPort)
+	openTestFilter(t, n, networkFilterOptions{Refresh: time.Hour})
+	for _, a := range []string{"10.250.0.9/24", "fd00:250::9/64"} {
+		if out, err := exec.Command("ip", "-n", n.nodeName, "addr", "add", a, "dev", n.veth, "nodad").CombinedOutput(); err != nil {
+			t.Fatalf("ip addr add %s: %v\n%s", a, err, out)
+		}
+	}
+	for _, addr := range []string{"10.250.0.9:7000", "[fd00:250::9]:7000"} {
+		if err := dialAs(n, testOtherUID, "tcp", addr); err != nil {
+			t.Fatalf("%s from a uid outside the range: %v", addr, err)
+		}
+		if err := dialAs(n, testUIDs.First, "tcp", addr); !errors.Is(err, unix.ECONNREFUSED) {
+			t.Errorf("%s from a function: %v, want ECONNREFUSED", addr, err)
+		}
+	}
+}
