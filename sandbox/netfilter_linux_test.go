@@ -82,7 +82,8 @@ func requireNetfilter(t testing.TB) *testNet {
 	}
 	// iproute2's ip: busybox's (the cgroup v2 VM's) has no netns.
 	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
-		skipTB(t, "nftables", "needs iproute2's ip to build network namespaces: %v %s", err, out)
+		first, _, _ := strings.Cut(string(out), "\n")
+		skipTB(t, "nftables", "needs iproute2's ip to build network namespaces: ip netns list: %v: %s", err, first)
 	}
 	n := newTestNet(t)
 	c, err := nftables.New(nftables.WithNetNSFd(int(n.node.Fd())))
