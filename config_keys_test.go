@@ -1,0 +1,326 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// keyCase is a value other than the default for one key, written as an
+// operator would write it, and what the key's field must then hold.
+type keyCase struct {
+	key  string
+	text string
+	want any
+	// also names keys the value needs to be valid (tls.enabled needs files).
+	also map[string]string
+}
+
+// keyCases has one entry per key of the Config (a test checks that none is
+// missing).
+var keyCases = []keyCase{
+	{key: "agent_id", text: "agent-7f3a", want: "agent-7f3a"},
+	{key: "port", text: "6000", want: Port(6000)},
+	{key: "listen_address", text: "127.0.0.1", want: "127.0.0.1"},
+	{key: "redis_addr", text: "rediss://cache:6380", want: mustRedisAddr("rediss://cache:6380")},
+	{key: "redis_master_name", text: "mymaster", want: "mymaster"},
+	{key: "apps_dir", text: "/srv/flux/apps", want: "/srv/flux/apps"},
+	{key: "max_tasks", text: "8", want: 8},
+	{key: "queue_limit", text: "10", want: 10},
+	{key: "execution_ttl", text: "1h", want: time.Hour},
+	{key: "output_limit", text: "1MiB", want: ByteSize(1 << 20)},
+	{key: "shutdown_grace", text: "20s", want: 20 * time.Second},
+	{key: "tls.enabled", text: "true", want: true, also: map[string]string{
+		"tls.ca_cert": "/etc/flux/ca.pem", "tls.cert_file": "/etc/flux/agent.pem", "tls.key_file": "/etc/flux/agent-key.pem"}},
+	{key: "tls.ca_cert", text: "/etc/flux/ca.pem", want: "/etc/flux/ca.pem"},
+	{key: "tls.cert_file", text: "/etc/flux/agent.pem", want: "/etc/flux/agent.pem"},
+	{key: "tls.key_file", text: "/etc/flux/agent-key.pem", want: "/etc/flux/agent-key.pem"},
+	{key: "network.node_private_ip", text: "10.0.0.5", want: "10.0.0.5"},
+	{key: "network.node_public_ip", text: "203.0.113.7", want: "203.0.113.7"},
+	{key: "network.public_ip_url", text: "", want: ""},
+	{key: "sandbox.run_as_user", text: "runner2", want: "runner2"},
+	{key: "sandbox.cgroup_root", text: "/flux", want: "/flux"},
+	{key: "sandbox.pids_limit", text: "0", want: int64(0)},
+	{key: "sandbox.kill_grace", text: "5s", want: 5 * time.Second},
+	{key: "sandbox.scratch_dir", text: "/var/tmp/flux", want: "/var/tmp/flux"},
+	{key: "sandbox.uid_range", text: "2000000-2000999", want: UIDRange{First: 2000000, Count: 1000}},
+	{key: "deploy.max_bytes", text: "10MB", want: ByteSize(10_000_000)},
+	{key: "deploy.max_files", text: "100", want: 100},
+	{key: "deploy.max_ratio", text: "50", want: 50},
+	{key: "deploy.keep_versions", text: "0", want: 0},
+	{key: "telemetry.otlp_endpoint", text: "http://localhost:4317", want: "http://localhost:4317"},
+	{key: "telemetry.otlp_protocol", text: "http/protobuf", want: OTLPProtocol("http/protobuf")},
+	{key: "telemetry.otlp_insecure", text: "true", want: true},
+	{key: "telemetry.metrics_push", text: "yes", want: true},
+	{key: "telemetry.metrics_address", text: "", want: ""},
+	{key: "log.format", text: "text", want: LogFormat("text")},
+	{key: "log.level", text: "debug", want: LogLevel("debug")},
+	{key: "log.file", text: "/var/log/flux-agent.log", want: "/var/log/flux-agent.log"},
+}
+
+func keyCaseFor(t *testing.T, key string) keyCase {
+	t.Helper()
+	for _, c := range keyCases {
+		if c.key == key {
+			return c
+		}
+	}
+	t.Fatalf("keyCases has no entry for %s", key)
+	return keyCase{}
+}
+
+// fieldOf returns the value of key in c.
+func fieldOf(t *testing.T, c *Config, key string) any {
+	t.Helper()
+	for _, s := range settings(c) {
+		if s.key == key {
+			return s.field.Interface()
+		}
+	}
+	t.Fatalf("no key %s", key)
+	return nil
+}
+
+// yamlFor writes key: 'text' in YAML, nested under its sections.
+func yamlFor(key, text string) string {
+	parts := strings.Split(key, ".")
+	var b strings.Builder
+	for i, p := range parts[:len(parts)-1] {
+		fmt.Fprintf(&b, "%s%s:\n", strings.Repeat("  ", i), p)
+	}
+	fmt.Fprintf(&b, "%s%s: '%s'\n", strings.Repeat("  ", len(parts)-1), parts[len(parts)-1], strings.ReplaceAll(text, "'", "''"))
+	return b.String()
+}
+
+func envFor(key string) string {
+	return (setting{key: key}).envName()
+}
+
+func TestKeyCasesCoverEveryKey(t *testing.T) {
+	cfg := DefaultConfig()
+	var keys []string
+	for _, s := range settings(&cfg) {
+		keys = append(keys, s.key)
+		c := keyCaseFor(t, s.key)
+		if cmp.Equal(c.want, s.field.Interface(), configCmp...) {
+			t.Errorf("%s: the case's value is the default; it would prove nothing", s.key)
+		}
+	}
+	if len(keys) != len(keyCases) {
+		t.Errorf("%d keys, %d cases", len(keys), len(keyCases))
+	}
+}
+
+// Every key takes the same value from the file and from the environment,
+// and that value is valid on its own.
+func TestEveryKeyFromFileAndEnvironment(t *testing.T) {
+	for _, tc := range keyCases {
+		t.Run(tc.key, func(t *testing.T) {
+			fromFile := DefaultConfig()
+			if err := fromFile.Parse(strings.NewReader(yamlFor(tc.key, tc.text))); err != nil {
+				t.Fatalf("file: %v", err)
+			}
+			if diff := cmp.Diff(tc.want, fieldOf(t, &fromFile, tc.key), configCmp...); diff != "" {
+				t.Errorf("from the file (-want +got):\n%s", diff)
+			}
+
+			env := map[string]string{"AGENT_CONFIG": writeConfig(t, ""), envFor(tc.key): tc.text}
+			for k, v := range tc.also {
+				env[envFor(k)] = v
+			}
+			fromEnv, err := load(t, env)
+			if err != nil {
+				t.Fatalf("environment: %v", err)
+			}
+			if diff := cmp.Diff(tc.want, fieldOf(t, &fromEnv, tc.key), configCmp...); diff != "" {
+				t.Errorf("from the environment (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// badValues are values each key must refuse, and a word of the reason.
+var badValues = []struct {
+	key, text, why string
+}{
+	{"agent_id", "a{b}", "names Redis keys"},
+	{"port", "abc", "not a port number"},
+	{"port", "70000", "not a port number"},
+	{"port", "", "empty"},
+	{"listen_address", "10.0.0", "not an IP address"},
+	{"redis_addr", "", "must not be empty"},
+	{"redis_addr", "localhost", "neither a redis:// URL nor host:port"},
+	{"redis_addr", "redis://u:pw@a:b:c", "redis://u:xxxxx@a:b:c"}, // the password hidden in the error too
+	{"apps_dir", "", "must not be empty"},
+	{"max_tasks", "-1", "0 (unlimited) or more"},
+	{"max_tasks", "many", "not a whole number"},
+	{"max_tasks", "1.5", "not a whole number"},
+	{"queue_limit", "-1", "0 (no queue) or more"},
+	{"queue_limit", "x", "not a whole number"},
+	{"execution_ttl", "0s", "at least 1s"},
+	{"output_limit", "100", "between 1KiB and 48MiB"},
+	{"output_limit", "64MiB", "between 1KiB and 48MiB"},
+	{"shutdown_grace", "soon", "not a duration"},
+	{"shutdown_grace", "-1s", "must not be negative"},
+	{"tls.enabled", "maybe", "not true or false"},
+	{"network.node_private_ip", "10.0.0", "not an IP address"},
+	{"network.node_public_ip", "::g", "not an IP address"},
+	{"network.public_ip_url", "ftp://x", "not an http(s) URL"},
+	{"sandbox.pids_limit", "-1", "0 (unlimited) or more"},
+	{"sandbox.pids_limit", "x", "not a whole number"},
+	{"sandbox.kill_grace", "-1s", "must not be negative"},
+	{"sandbox.uid_range", "200-100", "LAST is below FIRST"},
+	{"sandbox.uid_range", "0-100", "0 < FIRST"},
+	{"sandbox.uid_range", "many", "not FIRST-LAST"},
+	{"sandbox.uid_range", "1-70000", "at most 65536"},
+	{"sandbox.uid_range", "4294967290-4294967295", "< 4294967295"},
+	{"deploy.max_bytes", "0", "must be positive"},
+	{"deploy.max_files", "0", "must be positive"},
+	{"deploy.max_ratio", "0", "must be positive"},
+	{"deploy.keep_versions", "-1", "must not be negative"},
+	{"telemetry.otlp_protocol", "http/json", "must be grpc or http/protobuf"},
+	{"telemetry.otlp_insecure", "maybe", "not true or false"},
+	{"telemetry.metrics_address", "9464", "not host:port"},
+	{"log.format", "xml", "must be json or text"},
+	{"log.level", "verbose", "must be debug, info, warn or error"},
+}
+
+// Bad values are refused from the file and from the environment, and the
+// error names the key (and the variable, for the environment).
+func TestBadValuesNameTheKey(t *testing.T) {
+	for _, tc := range badValues {
+		t.Run(tc.key+"="+tc.text, func(t *testing.T) {
+			names := regexp.MustCompile(`(^|\s|\()` + regexp.QuoteMeta(tc.key) + `(:|\))`)
+			check := func(source string, err error) {
+				t.Helper()
+				switch {
+				case err == nil:
+					t.Errorf("%s: %q accepted", source, tc.text)
+				case !names.MatchString(err.Error()):
+					t.Errorf("%s: error does not name %s: %v", source, tc.key, err)
+				case !strings.Contains(err.Error(), tc.why):
+					t.Errorf("%s: error does not say %q: %v", source, tc.why, err)
+				}
+			}
+			_, err := load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, yamlFor(tc.key, tc.text))})
+			check("file", err)
+			_, err = load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, ""), envFor(tc.key): tc.text})
+			check("environment", err)
+			if err != nil && strings.Contains(err.Error(), "environment") && !strings.Contains(err.Error(), envFor(tc.key)) {
+				t.Errorf("environment: error does not name %s: %v", envFor(tc.key), err)
+			}
+		})
+	}
+}
+
+func TestDefaultsAreValid(t *testing.T) {
+	cfg := DefaultConfig()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("DefaultConfig is not valid: %v", err)
+	}
+}
+
+// An empty variable empties a string or a list the file set; a key with
+// no value in the file keeps its default.
+func TestEmptyValues(t *testing.T) {
+	file := "network:\n  public_ip_url: http://ip.example\nsandbox:\n  uid_range: 100-200\nport:\n"
+	cfg, err := load(t, map[string]string{
+		"AGENT_CONFIG":                     writeConfig(t, file),
+		"FLUX_AGENT_NETWORK_PUBLIC_IP_URL": "",
+		"FLUX_AGENT_SANDBOX_UID_RANGE":     "",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Network.PublicIPURL != "" || cfg.Sandbox.UIDRange != (UIDRange{}) {
+		t.Errorf("empty variables not applied: url %q uids %+v", cfg.Network.PublicIPURL, cfg.Sandbox.UIDRange)
+	}
+	if cfg.Port != DefaultPort {
+		t.Errorf("port with no value = %d, want the default", cfg.Port)
+	}
+}
+
+func TestLogSettingsFollowTheLogger(t *testing.T) {
+	cfg, err := load(t, map[string]string{
+		"AGENT_CONFIG":         writeConfig(t, "log:\n  format: TEXT\n  level: Warning\n"),
+		"FLUX_AGENT_LOG_LEVEL": "",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An empty level is the logger's default, info.
+	if cfg.Log.Format != "text" || cfg.Log.Level != "info" {
+		t.Errorf("log = %+v", cfg.Log)
+	}
+	cfg.Log.Level = "warn"
+	var out strings.Builder
+	logger, err := cfg.Log.newLogger(&out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger.Info("hidden")
+	logger.Warn("shown")
+	if got := out.String(); strings.Contains(got, "hidden") || !strings.HasPrefix(got, "time=") || !strings.Contains(got, "msg=shown") {
+		t.Errorf("log output %q", got)
+	}
+}
+
+func TestRelativeLogFileResolvesAgainstTheFile(t *testing.T) {
+	cfg, err := load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, ""), "FLUX_AGENT_LOG_FILE": "agent.log"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Log.File != cfg.dir+string(os.PathSeparator)+"agent.log" {
+		t.Errorf("log.file = %q (dir %s)", cfg.Log.File, cfg.dir)
+	}
+}
+
+// --help lists every key with its variable.
+func TestHelpListsEveryKey(t *testing.T) {
+	var out strings.Builder
+	writeDefaults(&out)
+	cfg := DefaultConfig()
+	for _, s := range settings(&cfg) {
+		if !regexp.MustCompile(`(?m)^  ` + regexp.QuoteMeta(s.key) + ` .* ` + s.envName() + `$`).MatchString(out.String()) {
+			t.Errorf("--help lacks %s", s.key)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^  max_tasks +0 +FLUX_AGENT_MAX_TASKS$`).MatchString(out.String()) {
+		t.Errorf("--help does not show max_tasks' default:\n%s", out.String())
+	}
+}
+
+// example.agent.yaml and README's Configuration section name every key.
+func TestEveryKeyIsDocumented(t *testing.T) {
+	example, err := os.ReadFile("example.agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	section := string(readme)
+	start, end := strings.Index(section, "## Configuration"), strings.Index(section, "## The gRPC API")
+	if start < 0 || end < start {
+		t.Fatal("README.md: no Configuration section before The gRPC API")
+	}
+	section = section[start:end]
+	cfg := DefaultConfig()
+	for _, s := range settings(&cfg) {
+		leaf := s.key[strings.LastIndex(s.key, ".")+1:]
+		// In the example, under its section, perhaps commented out (keys
+		// whose default depends on the OS).
+		if !regexp.MustCompile(`(?m)^\s*#?\s*` + regexp.QuoteMeta(leaf) + `:`).Match(example) {
+			t.Errorf("example.agent.yaml does not show %s", s.key)
+		}
+		if !strings.Contains(section, "`"+s.key+"`") {
+			t.Errorf("README.md's Configuration table does not name `%s`", s.key)
+		}
+	}
+}
