@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"time"
 
@@ -26,7 +27,15 @@ const (
 	DefaultShutdownGrace = 30 * time.Second
 	DefaultQueueLimit    = 1000
 	DefaultRunAsUser     = "flux-runner"
-	envPrefix            = "FLUX_AGENT_"
+	// DefaultTimeout ends functions that set no timeout_seconds: a function
+	// that never returns would otherwise hold its slot, memory and uid for
+	// good. 15 minutes is the longest run common serverless platforms allow.
+	DefaultTimeout = 15 * time.Minute
+	// DefaultMemory caps functions that set no memory_mb, so that a runaway
+	// one is OOM-killed alone instead of driving the node into the kernel's
+	// OOM killer, which may pick the agent.
+	DefaultMemory = 512 << 20
+	envPrefix     = "FLUX_AGENT_"
 	// MaxOutputLimit keeps a sync ExecutionResponse under Flux's 50 MiB.
 	MaxOutputLimit = 48 << 20
 )
@@ -35,17 +44,21 @@ const (
 // overrides (FLUX_AGENT_ + the key upper-cased, "." as "_"). Zero values
 // mean "default" only where DefaultConfig says so.
 type Config struct {
-	AgentID         string        `yaml:"agent_id"`
-	Port            Port          `yaml:"port"`
-	ListenAddress   string        `yaml:"listen_address"`
-	RedisAddr       RedisAddr     `yaml:"redis_addr"`
-	RedisMasterName string        `yaml:"redis_master_name"`
-	AppsDir         string        `yaml:"apps_dir"`
-	MaxTasks        int           `yaml:"max_tasks"`
-	QueueLimit      int           `yaml:"queue_limit"`
-	ExecutionTTL    time.Duration `yaml:"execution_ttl"`
-	OutputLimit     ByteSize      `yaml:"output_limit"`
-	ShutdownGrace   time.Duration `yaml:"shutdown_grace"`
+	AgentID         string    `yaml:"agent_id"`
+	Port            Port      `yaml:"port"`
+	ListenAddress   string    `yaml:"listen_address"`
+	RedisAddr       RedisAddr `yaml:"redis_addr"`
+	RedisMasterName string    `yaml:"redis_master_name"`
+	AppsDir         string    `yaml:"apps_dir"`
+	MaxTasks        TaskLimit `yaml:"max_tasks"`
+	QueueLimit      int       `yaml:"queue_limit"`
+	// DefaultTimeout and DefaultMemory apply to functions whose own
+	// timeout_seconds or memory_mb is 0; 0 here means none.
+	DefaultTimeout time.Duration `yaml:"default_timeout"`
+	DefaultMemory  ByteSize      `yaml:"default_memory"`
+	ExecutionTTL   time.Duration `yaml:"execution_ttl"`
+	OutputLimit    ByteSize      `yaml:"output_limit"`
+	ShutdownGrace  time.Duration `yaml:"shutdown_grace"`
 
 	TLS       TLSConfig       `yaml:"tls"`
 	Network   NetworkConfig   `yaml:"network"`
@@ -53,6 +66,7 @@ type Config struct {
 	Deploy    DeployConfig    `yaml:"deploy"`
 	Telemetry TelemetryConfig `yaml:"telemetry"`
 	Log       LogConfig       `yaml:"log"`
+	Admin     AdminConfig     `yaml:"admin"`
 
 	// dir is the config file's folder; relative paths resolve against it.
 	dir string
@@ -62,19 +76,23 @@ type Config struct {
 func DefaultConfig() Config {
 	host, _ := os.Hostname()
 	return Config{
-		AgentID:       host,
-		Port:          DefaultPort,
-		RedisAddr:     mustRedisAddr(DefaultRedisAddr),
-		AppsDir:       defaultAppsDir(),
-		QueueLimit:    DefaultQueueLimit,
-		ExecutionTTL:  DefaultExecutionTTL,
-		OutputLimit:   DefaultOutputLimit,
-		ShutdownGrace: DefaultShutdownGrace,
-		Network:       defaultNetworkConfig(),
-		Sandbox:       defaultSandboxConfig(),
-		Deploy:        defaultDeployConfig(),
-		Telemetry:     defaultTelemetryConfig(),
-		Log:           defaultLogConfig(),
+		AgentID:        host,
+		Port:           DefaultPort,
+		RedisAddr:      mustRedisAddr(DefaultRedisAddr),
+		AppsDir:        defaultAppsDir(),
+		MaxTasks:       TaskLimitAuto,
+		QueueLimit:     DefaultQueueLimit,
+		DefaultTimeout: DefaultTimeout,
+		DefaultMemory:  DefaultMemory,
+		ExecutionTTL:   DefaultExecutionTTL,
+		OutputLimit:    DefaultOutputLimit,
+		ShutdownGrace:  DefaultShutdownGrace,
+		Network:        defaultNetworkConfig(),
+		Sandbox:        defaultSandboxConfig(),
+		Deploy:         defaultDeployConfig(),
+		Telemetry:      defaultTelemetryConfig(),
+		Log:            defaultLogConfig(),
+		Admin:          defaultAdminConfig(),
 	}
 }
 
@@ -115,7 +133,7 @@ func LoadConfig(lookup func(key string) (string, bool)) (Config, error) {
 // resolvePaths makes the files the agent opens itself relative to the
 // config file's folder, where Flux's bootstrap puts them.
 func (c *Config) resolvePaths() {
-	for _, p := range []*string{&c.TLS.CACert, &c.TLS.CertFile, &c.TLS.KeyFile, &c.Log.File} {
+	for _, p := range []*string{&c.TLS.CACert, &c.TLS.CertFile, &c.TLS.KeyFile, &c.Log.File, &c.Admin.Socket, &c.Admin.TokenFile} {
 		if *p != "" && !filepath.IsAbs(*p) && c.dir != "" {
 			*p = filepath.Join(c.dir, *p)
 		}
@@ -135,6 +153,7 @@ func (c *Config) Validate() error {
 		{"deploy", c.Deploy.validate()},
 		{"telemetry", c.Telemetry.validate()},
 		{"log", c.Log.validate()},
+		{"admin", c.Admin.validate()},
 	} {
 		for _, err := range section.errs {
 			errs = append(errs, fmt.Errorf("%s.%w", section.name, err))
@@ -169,11 +188,17 @@ func (c *Config) validate() []error {
 	if c.AppsDir == "" {
 		errs = append(errs, keyError("apps_dir", "must not be empty"))
 	}
-	if c.MaxTasks < 0 {
-		errs = append(errs, keyError("max_tasks", "must be 0 (unlimited) or more, got %d", c.MaxTasks))
+	if c.MaxTasks < 0 && c.MaxTasks != TaskLimitAuto {
+		errs = append(errs, keyError("max_tasks", "must be auto, 0 (unlimited) or more, got %d", c.MaxTasks))
 	}
 	if c.QueueLimit < 0 {
 		errs = append(errs, keyError("queue_limit", "must be 0 (no queue) or more, got %d", c.QueueLimit))
+	}
+	if c.DefaultTimeout != 0 && c.DefaultTimeout < time.Second {
+		errs = append(errs, keyError("default_timeout", "must be 0 (none) or at least 1s, got %s", c.DefaultTimeout))
+	}
+	if c.DefaultMemory != 0 && c.DefaultMemory < 1<<20 {
+		errs = append(errs, keyError("default_memory", "must be 0 (none) or at least 1MiB, got %s", c.DefaultMemory))
 	}
 	if c.ExecutionTTL < time.Second {
 		errs = append(errs, keyError("execution_ttl", "must be at least 1s, got %s", c.ExecutionTTL))
@@ -192,13 +217,14 @@ func (c *Config) ListenAddr() string {
 	return net.JoinHostPort(c.ListenAddress, strconv.Itoa(int(c.Port)))
 }
 
-// serviceLimits is the part of service.Options the config decides. The
-// caller adds the service's collaborators.
+// serviceLimits is the part of service.Options the config decides: max_tasks
+// auto becomes a number from the CPUs, 0 stays unlimited. The caller adds
+// the service's collaborators.
 func (c *Config) serviceLimits() service.Options {
 	return service.Options{
 		ExecutionTTL: c.ExecutionTTL,
 		OutputLimit:  int64(c.OutputLimit),
-		MaxTasks:     c.MaxTasks,
+		MaxTasks:     c.MaxTasks.Resolve(runtime.NumCPU()),
 		QueueLimit:   c.QueueLimit,
 		KillGrace:    c.Sandbox.KillGrace,
 	}

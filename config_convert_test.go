@@ -2,6 +2,8 @@ package main
 
 import (
 	"log/slog"
+	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -37,8 +39,13 @@ func TestSandboxConfig(t *testing.T) {
 		},
 		{
 			name:   "a fixed uid range",
-			change: func(s *SandboxConfig) { s.UIDRange = UIDRange{First: 2000000, Count: 1000} },
+			change: func(s *SandboxConfig) { s.UIDRange = UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000} },
 			want:   sandbox.Config{User: "flux-runner", UIDs: sandbox.UIDRange{First: 2000000, Count: 1000}, PidsLimit: 1024, Logger: logger},
+		},
+		{
+			name:   "shared uids",
+			change: func(s *SandboxConfig) { s.UIDRange = UIDRange{Mode: UIDsShared} },
+			want:   sandbox.Config{User: "flux-runner", PidsLimit: 1024, Logger: logger},
 		},
 	}
 	for _, tt := range tests {
@@ -72,11 +79,30 @@ func TestDeployOptions(t *testing.T) {
 func TestServiceLimits(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.ExecutionTTL, cfg.OutputLimit, cfg.QueueLimit, cfg.Sandbox.KillGrace = time.Hour, 1<<20, 7, 3*time.Second
-	cfg.MaxTasks = 9
 	got := cfg.serviceLimits()
-	want := service.Options{ExecutionTTL: time.Hour, OutputLimit: 1 << 20, MaxTasks: 9, QueueLimit: 7, KillGrace: 3 * time.Second}
+	want := service.Options{ExecutionTTL: time.Hour, OutputLimit: 1 << 20, MaxTasks: TasksPerCPU * runtime.NumCPU(), QueueLimit: 7, KillGrace: 3 * time.Second}
 	if diff := cmp.Diff(want, got, cmpopts.IgnoreUnexported(service.Options{})); diff != "" {
 		t.Errorf("serviceLimits (-want +got):\n%s", diff)
+	}
+	for limit, want := range map[TaskLimit]int{0: 0, 8: 8} {
+		cfg.MaxTasks = limit
+		if got := cfg.serviceLimits().MaxTasks; got != want {
+			t.Errorf("max_tasks %d: MaxTasks %d, want %d (0 stays unlimited)", limit, got, want)
+		}
+	}
+}
+
+func TestTaskLimitResolve(t *testing.T) {
+	for _, tt := range []struct {
+		limit TaskLimit
+		cpus  int
+		want  int
+	}{
+		{TaskLimitAuto, 1, 32}, {TaskLimitAuto, 16, 512}, {TaskLimitAuto, 0, 32}, {0, 16, 0}, {5, 16, 5},
+	} {
+		if got := tt.limit.Resolve(tt.cpus); got != tt.want {
+			t.Errorf("%d on %d CPUs: %d, want %d", tt.limit, tt.cpus, got, tt.want)
+		}
 	}
 }
 
@@ -128,11 +154,50 @@ func TestRedactURL(t *testing.T) {
 	}
 }
 
+func TestNetworkException(t *testing.T) {
+	for _, tt := range []struct {
+		in, canonical string
+		want          NetworkException
+	}{
+		{"127.0.0.1", "127.0.0.1", NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32")}},
+		{"127.0.0.1:8125", "127.0.0.1:8125", NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125}},
+		{"10.0.0.0/8", "10.0.0.0/8", NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8")}},
+		{" 10.0.0.0/8:53 ", "10.0.0.0/8:53", NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8"), Port: 53}},
+		{"::1", "::1", NetworkException{Prefix: netip.MustParsePrefix("::1/128")}},
+		{"[::1]:9000", "[::1]:9000", NetworkException{Prefix: netip.MustParsePrefix("::1/128"), Port: 9000}},
+		{"[::1]", "::1", NetworkException{Prefix: netip.MustParsePrefix("::1/128")}},
+		{"fd00::/8", "fd00::/8", NetworkException{Prefix: netip.MustParsePrefix("fd00::/8")}},
+		{"[fd00::/8]:53", "[fd00::/8]:53", NetworkException{Prefix: netip.MustParsePrefix("fd00::/8"), Port: 53}},
+		// Without brackets the last group is the address's, not a port.
+		{"fd00::1:53", "fd00::1:53", NetworkException{Prefix: netip.MustParsePrefix("fd00::1:53/128")}},
+	} {
+		var got NetworkException
+		if err := got.UnmarshalText([]byte(tt.in)); err != nil {
+			t.Errorf("%q: %v", tt.in, err)
+			continue
+		}
+		if got != tt.want {
+			t.Errorf("%q = %+v, want %+v", tt.in, got, tt.want)
+		}
+		if s := got.String(); s != tt.canonical {
+			t.Errorf("%q prints as %q, want %q", tt.in, s, tt.canonical)
+		}
+	}
+	for _, in := range []string{"", ":80", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:http", "[::1]:", "[]:80", "10.0.0.0/33", "host.example"} {
+		var e NetworkException
+		if err := e.UnmarshalText([]byte(in)); err == nil {
+			t.Errorf("%q accepted as %v", in, e)
+		}
+	}
+}
+
 func TestUIDRangeText(t *testing.T) {
 	for in, want := range map[string]UIDRange{
-		"":                    {},
-		"100-100":             {First: 100, Count: 1},
-		" 2000000 - 2065535 ": {First: 2000000, Count: 65536},
+		"":                    {Mode: UIDsAuto},
+		"auto":                {Mode: UIDsAuto},
+		"shared":              {Mode: UIDsShared},
+		"100-100":             {Mode: UIDsFixed, First: 100, Count: 1},
+		" 2000000 - 2065535 ": {Mode: UIDsFixed, First: 2000000, Count: 65536},
 	} {
 		var got UIDRange
 		if err := got.UnmarshalText([]byte(in)); err != nil || got != want {
@@ -150,7 +215,7 @@ func TestUIDRangeText(t *testing.T) {
 // YAML aliases stand for what they name; merge keys are not keys of ours.
 func TestYAMLAliases(t *testing.T) {
 	cfg := DefaultConfig()
-	err := cfg.Parse(strings.NewReader("execution_ttl: &t 2m\nsandbox:\n  kill_grace: *t\n"))
+	err := cfg.Parse(strings.NewReader("default_timeout: &t 2m\nsandbox:\n  kill_grace: *t\n"))
 	if err != nil || cfg.Sandbox.KillGrace != 2*time.Minute {
 		t.Errorf("kill_grace %s, %v", cfg.Sandbox.KillGrace, err)
 	}

@@ -52,8 +52,43 @@ func (s setting) envName() string {
 	return envPrefix + strings.ToUpper(strings.ReplaceAll(s.key, ".", "_"))
 }
 
-// set sets s from its written form.
-func (s setting) set(text string) error { return setValue(s.field, text) }
+// isList reports a key that takes several values: a YAML list, or one
+// comma-separated string.
+func (s setting) isList() bool { return s.field.Kind() == reflect.Slice }
+
+// set sets s from its written form. A list takes comma-separated items; an
+// empty string empties it.
+func (s setting) set(text string) error {
+	if !s.isList() {
+		return setValue(s.field, text)
+	}
+	var items []string
+	if strings.TrimSpace(text) != "" {
+		items = strings.Split(text, ",")
+	}
+	return s.setItems(items)
+}
+
+// setItems sets a list from its items, each parsed as one value. The list
+// is left as it was when an item is wrong.
+func (s setting) setItems(items []string) error {
+	if len(items) == 0 {
+		s.field.SetZero()
+		return nil
+	}
+	list := reflect.MakeSlice(s.field.Type(), len(items), len(items))
+	for i, item := range items {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			return fmt.Errorf("item %d is empty", i+1)
+		}
+		if err := setValue(list.Index(i), item); err != nil {
+			return fmt.Errorf("item %d: %w", i+1, err)
+		}
+	}
+	s.field.Set(list)
+	return nil
+}
 
 var durationType = reflect.TypeFor[time.Duration]()
 

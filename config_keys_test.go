@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"regexp"
 	"strings"
@@ -30,8 +31,10 @@ var keyCases = []keyCase{
 	{key: "redis_addr", text: "rediss://cache:6380", want: mustRedisAddr("rediss://cache:6380")},
 	{key: "redis_master_name", text: "mymaster", want: "mymaster"},
 	{key: "apps_dir", text: "/srv/flux/apps", want: "/srv/flux/apps"},
-	{key: "max_tasks", text: "8", want: 8},
+	{key: "max_tasks", text: "8", want: TaskLimit(8)},
 	{key: "queue_limit", text: "10", want: 10},
+	{key: "default_timeout", text: "90s", want: 90 * time.Second},
+	{key: "default_memory", text: "1GiB", want: ByteSize(1 << 30)},
 	{key: "execution_ttl", text: "1h", want: time.Hour},
 	{key: "output_limit", text: "1MiB", want: ByteSize(1 << 20)},
 	{key: "shutdown_grace", text: "20s", want: 20 * time.Second},
@@ -48,7 +51,18 @@ var keyCases = []keyCase{
 	{key: "sandbox.pids_limit", text: "0", want: int64(0)},
 	{key: "sandbox.kill_grace", text: "5s", want: 5 * time.Second},
 	{key: "sandbox.scratch_dir", text: "/var/tmp/flux", want: "/var/tmp/flux"},
-	{key: "sandbox.uid_range", text: "2000000-2000999", want: UIDRange{First: 2000000, Count: 1000}},
+	{key: "sandbox.uid_range", text: "2000000-2000999", want: UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000}},
+	{key: "sandbox.tmp_size", text: "128MiB", want: ByteSize(128 << 20)},
+	{key: "sandbox.nofile", text: "4096", want: 4096},
+	{key: "sandbox.network", text: "none", want: NetworkNone},
+	{key: "sandbox.network_deny", text: "10.0.0.0/8, fd00::/8", want: []netip.Prefix{
+		netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}},
+	{key: "sandbox.network_allow", text: "127.0.0.1:8125, [::1]:9000, 10.1.0.0/16:53, fd00::5", want: []NetworkException{
+		{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125},
+		{Prefix: netip.MustParsePrefix("::1/128"), Port: 9000},
+		{Prefix: netip.MustParsePrefix("10.1.0.0/16"), Port: 53},
+		{Prefix: netip.MustParsePrefix("fd00::5/128")},
+	}},
 	{key: "deploy.max_bytes", text: "10MB", want: ByteSize(10_000_000)},
 	{key: "deploy.max_files", text: "100", want: 100},
 	{key: "deploy.max_ratio", text: "50", want: 50},
@@ -61,6 +75,9 @@ var keyCases = []keyCase{
 	{key: "log.format", text: "text", want: LogFormat("text")},
 	{key: "log.level", text: "debug", want: LogLevel("debug")},
 	{key: "log.file", text: "/var/log/flux-agent.log", want: "/var/log/flux-agent.log"},
+	{key: "admin.socket", text: "/run/flux-agent/other.sock", want: "/run/flux-agent/other.sock"},
+	{key: "admin.address", text: "127.0.0.1:6000", want: "127.0.0.1:6000", also: map[string]string{"admin.token_file": `C:\flux\admin.token`}},
+	{key: "admin.token_file", text: `C:\flux\admin.token`, want: `C:\flux\admin.token`},
 }
 
 func keyCaseFor(t *testing.T, key string) keyCase {
@@ -134,11 +151,17 @@ func TestEveryKeyFromFileAndEnvironment(t *testing.T) {
 				env[envFor(k)] = v
 			}
 			fromEnv, err := load(t, env)
-			if err != nil {
+			switch {
+			case foreignKeys[tc.key]:
+				if err == nil || !strings.Contains(err.Error(), tc.key+":") {
+					t.Errorf("%s is not this OS's key, yet the error is %v", tc.key, err)
+				}
+			case err != nil:
 				t.Fatalf("environment: %v", err)
-			}
-			if diff := cmp.Diff(tc.want, fieldOf(t, &fromEnv, tc.key), configCmp...); diff != "" {
-				t.Errorf("from the environment (-want +got):\n%s", diff)
+			default:
+				if diff := cmp.Diff(tc.want, fieldOf(t, &fromEnv, tc.key), configCmp...); diff != "" {
+					t.Errorf("from the environment (-want +got):\n%s", diff)
+				}
 			}
 		})
 	}
@@ -157,11 +180,16 @@ var badValues = []struct {
 	{"redis_addr", "localhost", "neither a redis:// URL nor host:port"},
 	{"redis_addr", "redis://u:pw@a:b:c", "redis://u:xxxxx@a:b:c"}, // the password hidden in the error too
 	{"apps_dir", "", "must not be empty"},
-	{"max_tasks", "-1", "0 (unlimited) or more"},
-	{"max_tasks", "many", "not a whole number"},
-	{"max_tasks", "1.5", "not a whole number"},
+	{"max_tasks", "-1", "want auto"},
+	{"max_tasks", "many", "want auto"},
+	{"max_tasks", "1.5", "want auto"},
 	{"queue_limit", "-1", "0 (no queue) or more"},
 	{"queue_limit", "x", "not a whole number"},
+	{"default_timeout", "soon", "not a duration"},
+	{"default_timeout", "-1s", "0 (none) or at least 1s"},
+	{"default_timeout", "500ms", "0 (none) or at least 1s"},
+	{"default_memory", "lots", "not a size"},
+	{"default_memory", "1000", "0 (none) or at least 1MiB"},
 	{"execution_ttl", "0s", "at least 1s"},
 	{"output_limit", "100", "between 1KiB and 48MiB"},
 	{"output_limit", "64MiB", "between 1KiB and 48MiB"},
@@ -176,9 +204,24 @@ var badValues = []struct {
 	{"sandbox.kill_grace", "-1s", "must not be negative"},
 	{"sandbox.uid_range", "200-100", "LAST is below FIRST"},
 	{"sandbox.uid_range", "0-100", "0 < FIRST"},
-	{"sandbox.uid_range", "many", "not FIRST-LAST"},
+	{"sandbox.uid_range", "many", "not auto, shared or FIRST-LAST"},
 	{"sandbox.uid_range", "1-70000", "at most 65536"},
 	{"sandbox.uid_range", "4294967290-4294967295", "< 4294967295"},
+	{"sandbox.tmp_size", "1000", "at least 1MiB"},
+	{"sandbox.tmp_size", "big", "not a size"},
+	{"sandbox.nofile", "0", "between 16 and 1048576"},
+	{"sandbox.nofile", "2000000", "between 16 and 1048576"},
+	{"sandbox.network", "open", "must be filtered, none or host"},
+	{"sandbox.network", "", "must be filtered, none or host"},
+	{"sandbox.network_deny", "10.0.0.5", "item 1"},
+	{"sandbox.network_deny", "10.0.0.0/8,,fd00::/8", "item 2 is empty"},
+	{"sandbox.network_deny", "10.0.0.1/8", "the network is 10.0.0.0/8"},
+	{"sandbox.network_allow", "10.0.0.1:0", "not 1-65535"},
+	{"sandbox.network_allow", "[::1", "no closing ]"},
+	{"sandbox.network_allow", "[::1]80", "want [IPv6]:PORT"},
+	{"sandbox.network_allow", "localhost:80", "not an address or a CIDR"},
+	{"sandbox.network_allow", "fe80::1%eth0", "zones are not supported"},
+	{"sandbox.network_allow", "10.1.2.3/16:53", "the network is 10.1.0.0/16"},
 	{"deploy.max_bytes", "0", "must be positive"},
 	{"deploy.max_files", "0", "must be positive"},
 	{"deploy.max_ratio", "0", "must be positive"},
@@ -188,6 +231,8 @@ var badValues = []struct {
 	{"telemetry.metrics_address", "9464", "not host:port"},
 	{"log.format", "xml", "must be json or text"},
 	{"log.level", "verbose", "must be debug, info, warn or error"},
+	{"admin.socket", "/run/" + strings.Repeat("x", 120), ""},
+	{"admin.address", "0.0.0.0:50053", ""},
 }
 
 // Bad values are refused from the file and from the environment, and the
@@ -218,30 +263,98 @@ func TestBadValuesNameTheKey(t *testing.T) {
 	}
 }
 
-func TestDefaultsAreValid(t *testing.T) {
+func TestDefaults(t *testing.T) {
 	cfg := DefaultConfig()
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("DefaultConfig is not valid: %v", err)
+	}
+	for key, want := range map[string]any{
+		"max_tasks":             TaskLimitAuto,
+		"default_timeout":       15 * time.Minute,
+		"default_memory":        ByteSize(512 << 20),
+		"shutdown_grace":        30 * time.Second,
+		"sandbox.network":       NetworkFiltered,
+		"sandbox.network_deny":  []netip.Prefix(nil),
+		"sandbox.network_allow": []NetworkException(nil),
+		"sandbox.tmp_size":      ByteSize(64 << 20),
+		"sandbox.nofile":        1024,
+		"sandbox.uid_range":     UIDRange{Mode: UIDsAuto},
+	} {
+		if diff := cmp.Diff(want, fieldOf(t, &cfg, key), configCmp...); diff != "" {
+			t.Errorf("%s (-want +got):\n%s", key, diff)
+		}
+	}
+	if got := cfg.Admin; got != defaultAdminConfig() {
+		t.Errorf("admin = %+v", got)
 	}
 }
 
 // An empty variable empties a string or a list the file set; a key with
 // no value in the file keeps its default.
 func TestEmptyValues(t *testing.T) {
-	file := "network:\n  public_ip_url: http://ip.example\nsandbox:\n  uid_range: 100-200\nport:\n"
+	file := "network:\n  public_ip_url: http://ip.example\nsandbox:\n  network_deny: [10.0.0.0/8]\n  uid_range: 100-200\nport:\nadmin:\n  socket: ''\n"
 	cfg, err := load(t, map[string]string{
 		"AGENT_CONFIG":                     writeConfig(t, file),
 		"FLUX_AGENT_NETWORK_PUBLIC_IP_URL": "",
+		"FLUX_AGENT_SANDBOX_NETWORK_DENY":  "",
 		"FLUX_AGENT_SANDBOX_UID_RANGE":     "",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Network.PublicIPURL != "" || cfg.Sandbox.UIDRange != (UIDRange{}) {
-		t.Errorf("empty variables not applied: url %q uids %+v", cfg.Network.PublicIPURL, cfg.Sandbox.UIDRange)
+	if cfg.Network.PublicIPURL != "" || cfg.Sandbox.NetworkDeny != nil || cfg.Sandbox.UIDRange.Mode != UIDsAuto {
+		t.Errorf("empty variables not applied: url %q deny %v uids %+v", cfg.Network.PublicIPURL, cfg.Sandbox.NetworkDeny, cfg.Sandbox.UIDRange)
 	}
 	if cfg.Port != DefaultPort {
 		t.Errorf("port with no value = %d, want the default", cfg.Port)
+	}
+	if cfg.Admin.Socket != "" {
+		t.Errorf("admin.socket '' = %q, want disabled", cfg.Admin.Socket)
+	}
+}
+
+func TestListsInYAML(t *testing.T) {
+	file := `sandbox:
+  network_deny:
+    - 10.0.0.0/8
+    - fd00::/8
+  network_allow: &allow
+    - 127.0.0.1:8125
+    - '[::1]:9000'
+`
+	cfg := DefaultConfig()
+	if err := cfg.Parse(strings.NewReader(file)); err != nil {
+		t.Fatal(err)
+	}
+	want := keyCaseFor(t, "sandbox.network_deny").want
+	if diff := cmp.Diff(want, cfg.Sandbox.NetworkDeny, configCmp...); diff != "" {
+		t.Errorf("network_deny (-want +got):\n%s", diff)
+	}
+	if len(cfg.Sandbox.NetworkAllow) != 2 || cfg.Sandbox.NetworkAllow[1].Port != 9000 {
+		t.Errorf("network_allow = %v", cfg.Sandbox.NetworkAllow)
+	}
+
+	for name, file := range map[string]string{
+		"a mapping in the list": "sandbox:\n  network_deny:\n    - a: 1\n",
+		"a list for a value":    "sandbox:\n  nofile: [1, 2]\n",
+		"a mapping for a list":  "sandbox:\n  network_deny:\n    a: 1\n",
+	} {
+		cfg := DefaultConfig()
+		err := cfg.Parse(strings.NewReader(file))
+		if err == nil || !strings.Contains(err.Error(), "sandbox.") {
+			t.Errorf("%s: error %v", name, err)
+		}
+	}
+}
+
+func TestNetworkListsNeedTheFilter(t *testing.T) {
+	for _, mode := range []string{"none", "host"} {
+		file := "sandbox:\n  network: " + mode + "\n  network_deny: [10.0.0.0/8]\n  network_allow: [127.0.0.1:53]\n"
+		_, err := load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, file)})
+		if err == nil || !strings.Contains(err.Error(), "sandbox.network_deny: only applies with sandbox.network: filtered") ||
+			!strings.Contains(err.Error(), "sandbox.network_allow: only applies") {
+			t.Errorf("%s: %v", mode, err)
+		}
 	}
 }
 
@@ -290,7 +403,7 @@ func TestHelpListsEveryKey(t *testing.T) {
 			t.Errorf("--help lacks %s", s.key)
 		}
 	}
-	if !regexp.MustCompile(`(?m)^  max_tasks +0 +FLUX_AGENT_MAX_TASKS$`).MatchString(out.String()) {
+	if !regexp.MustCompile(`(?m)^  max_tasks +auto +FLUX_AGENT_MAX_TASKS$`).MatchString(out.String()) {
 		t.Errorf("--help does not show max_tasks' default:\n%s", out.String())
 	}
 }

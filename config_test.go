@@ -136,7 +136,7 @@ func TestLoadConfigValues(t *testing.T) {
 			name: "uid range",
 			file: "sandbox:\n  uid_range: 2000000-2000999\n",
 			check: func(t *testing.T, c Config) {
-				if r := c.Sandbox.UIDRange; r != (UIDRange{First: 2000000, Count: 1000}) {
+				if r := c.Sandbox.UIDRange; r != (UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000}) {
 					t.Errorf("uid range %+v", r)
 				}
 			},

@@ -72,3 +72,49 @@ func (b ByteSize) String() string {
 	}
 	return strconv.FormatInt(int64(b), 10)
 }
+
+// TaskLimit is max_tasks: how many executions may run at once on the node,
+// 0 for no limit, or TaskLimitAuto.
+type TaskLimit int
+
+// TaskLimitAuto (written "auto") allows TasksPerCPU executions per CPU.
+const TaskLimitAuto TaskLimit = -1
+
+// TasksPerCPU is what max_tasks: auto allows per CPU. Most functions wait
+// on the network far more than they compute, so several share a CPU well;
+// the bound is what each running execution costs the agent (pipes, output
+// buffers, a cgroup) and the node (processes, memory), so that a burst is
+// refused with "at capacity" before the node is swamped.
+const TasksPerCPU = 32
+
+// Resolve is the number of executions allowed on a node with cpus CPUs;
+// 0 means no limit.
+func (t TaskLimit) Resolve(cpus int) int {
+	if t == TaskLimitAuto {
+		return TasksPerCPU * max(cpus, 1)
+	}
+	return int(t)
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (t *TaskLimit) UnmarshalText(text []byte) error {
+	s := strings.TrimSpace(string(text))
+	if s == "auto" {
+		*t = TaskLimitAuto
+		return nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 {
+		return fmt.Errorf("%q: want auto (%d per CPU), 0 (unlimited) or a positive number", text, TasksPerCPU)
+	}
+	*t = TaskLimit(n)
+	return nil
+}
+
+// MarshalYAML implements yaml.Marshaler: auto, or the number unquoted.
+func (t TaskLimit) MarshalYAML() (any, error) {
+	if t == TaskLimitAuto {
+		return "auto", nil
+	}
+	return int(t), nil
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"strings"
 	"text/tabwriter"
 
@@ -86,7 +87,9 @@ func (d *yamlDecoder) mapping(node *yaml.Node, path string) {
 	}
 }
 
-// leaf decodes one value, a scalar.
+// leaf decodes one value: a scalar, or for a list a YAML sequence of
+// scalars (a scalar is then read as a comma-separated list, as in the
+// environment).
 func (d *yamlDecoder) leaf(s setting, node *yaml.Node) {
 	node = dealias(node)
 	var err error
@@ -95,6 +98,20 @@ func (d *yamlDecoder) leaf(s setting, node *yaml.Node) {
 		return
 	case node.Kind == yaml.ScalarNode:
 		err = s.set(node.Value)
+	case node.Kind == yaml.SequenceNode && s.isList():
+		items := make([]string, len(node.Content))
+		for i, item := range node.Content {
+			if item = dealias(item); item.Kind != yaml.ScalarNode {
+				err = fmt.Errorf("item %d: want a value, got %s", i+1, nodeKind(item))
+				break
+			}
+			items[i] = item.Value
+		}
+		if err == nil {
+			err = s.setItems(items)
+		}
+	case s.isList():
+		err = fmt.Errorf("want a list of values, got %s", nodeKind(node))
 	default:
 		err = fmt.Errorf("want a single value, got %s", nodeKind(node))
 	}
@@ -138,6 +155,9 @@ func printConfig(w io.Writer, cfg Config) error {
 		return fmt.Errorf("render config: %w", err)
 	}
 	fmt.Fprintln(w, "# configuration is valid; effective values:")
+	if cfg.MaxTasks == TaskLimitAuto {
+		fmt.Fprintf(w, "# max_tasks: auto is %d on this node (%d per CPU)\n", cfg.MaxTasks.Resolve(runtime.NumCPU()), TasksPerCPU)
+	}
 	_, err = w.Write(data)
 	return err
 }
