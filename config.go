@@ -40,6 +40,16 @@ const (
 	MaxOutputLimit = 48 << 20
 )
 
+// The shutdown has to fit the service manager's patience: after
+// shutdown_grace, what is still running is killed and its final record
+// written, which may take finalRecordBudget when Redis is slow, and all of
+// it before stopTimeout, when systemd (TimeoutStopSec= in
+// packaging/flux-agent.service) kills the agent outright.
+const (
+	stopTimeout       = 45 * time.Second
+	finalRecordBudget = 10 * time.Second
+)
+
 // Config is the agent's whole configuration: a YAML file, then environment
 // overrides (FLUX_AGENT_ + the key upper-cased, "." as "_"). Zero values
 // mean "default" only where DefaultConfig says so.
@@ -206,8 +216,12 @@ func (c *Config) validate() []error {
 	if c.OutputLimit < 1024 || c.OutputLimit > MaxOutputLimit {
 		errs = append(errs, keyError("output_limit", "must be between 1KiB and %s (a sync reply must fit Flux's 50 MiB messages), got %s", ByteSize(MaxOutputLimit), c.OutputLimit))
 	}
-	if c.ShutdownGrace < 0 {
+	switch {
+	case c.ShutdownGrace < 0:
 		errs = append(errs, keyError("shutdown_grace", "must not be negative, got %s", c.ShutdownGrace))
+	case c.ShutdownGrace+finalRecordBudget > stopTimeout:
+		errs = append(errs, keyError("shutdown_grace", "%s and the %s final records may take do not fit the %s the service manager waits for a stop (TimeoutStopSec); set it to %s or less",
+			c.ShutdownGrace, finalRecordBudget, stopTimeout, stopTimeout-finalRecordBudget))
 	}
 	return errs
 }

@@ -195,6 +195,7 @@ var badValues = []struct {
 	{"output_limit", "64MiB", "between 1KiB and 48MiB"},
 	{"shutdown_grace", "soon", "not a duration"},
 	{"shutdown_grace", "-1s", "must not be negative"},
+	{"shutdown_grace", "36s", "set it to 35s or less"},
 	{"tls.enabled", "maybe", "not true or false"},
 	{"network.node_private_ip", "10.0.0", "not an IP address"},
 	{"network.node_public_ip", "::g", "not an IP address"},
@@ -354,6 +355,24 @@ func TestNetworkListsNeedTheFilter(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "sandbox.network_deny: only applies with sandbox.network: filtered") ||
 			!strings.Contains(err.Error(), "sandbox.network_allow: only applies") {
 			t.Errorf("%s: %v", mode, err)
+		}
+	}
+}
+
+// The stop budget: shutdown_grace plus the final records' time fits
+// the unit's TimeoutStopSec, which the constant must match.
+func TestShutdownGraceFitsTheStopTimeout(t *testing.T) {
+	unit, err := os.ReadFile("packaging/flux-agent.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("\nTimeoutStopSec=%ds\n", int(stopTimeout.Seconds())); !strings.Contains(string(unit), want) {
+		t.Errorf("packaging/flux-agent.service lacks %q: stopTimeout is out of step", strings.TrimSpace(want))
+	}
+	for grace, ok := range map[string]bool{"0s": true, "35s": true, "35.5s": false, "1m": false} {
+		_, err := load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, "shutdown_grace: "+grace+"\n")})
+		if (err == nil) != ok {
+			t.Errorf("shutdown_grace %s: %v", grace, err)
 		}
 	}
 }
