@@ -27,15 +27,17 @@ const (
 	DefaultShutdownGrace = 30 * time.Second
 	DefaultQueueLimit    = 1000
 	DefaultRunAsUser     = "flux-runner"
-	// DefaultTimeout ends functions that set no timeout_seconds: a function
-	// that never returns would otherwise hold its slot, memory and uid for
-	// good. 15 minutes is the longest run common serverless platforms allow.
-	DefaultTimeout = 15 * time.Minute
-	// DefaultMemory caps functions that set no memory_mb, so that a runaway
-	// one is OOM-killed alone instead of driving the node into the kernel's
-	// OOM killer, which may pick the agent.
-	DefaultMemory = 512 << 20
-	envPrefix     = "FLUX_AGENT_"
+	// DefaultFunctionTimeout (default_timeout) ends functions that set no
+	// timeout_seconds: one that never returns would otherwise hold its
+	// slot, memory and uid for good. 15 minutes is the longest run common
+	// serverless platforms allow.
+	DefaultFunctionTimeout = 15 * time.Minute
+	// DefaultFunctionMemory (default_memory) caps functions that set no
+	// memory_mb, so that a runaway one is OOM-killed alone instead of
+	// driving the node into the kernel's OOM killer, which may pick the
+	// agent.
+	DefaultFunctionMemory = 512 << 20
+	envPrefix             = "FLUX_AGENT_"
 	// MaxOutputLimit keeps a sync ExecutionResponse under Flux's 50 MiB.
 	MaxOutputLimit = 48 << 20
 )
@@ -92,8 +94,8 @@ func DefaultConfig() Config {
 		AppsDir:        defaultAppsDir(),
 		MaxTasks:       TaskLimitAuto,
 		QueueLimit:     DefaultQueueLimit,
-		DefaultTimeout: DefaultTimeout,
-		DefaultMemory:  DefaultMemory,
+		DefaultTimeout: DefaultFunctionTimeout,
+		DefaultMemory:  DefaultFunctionMemory,
 		ExecutionTTL:   DefaultExecutionTTL,
 		OutputLimit:    DefaultOutputLimit,
 		ShutdownGrace:  DefaultShutdownGrace,

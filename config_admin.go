@@ -28,8 +28,7 @@ func (a AdminConfig) validate() []error {
 	if a.Address != "" {
 		// The token travels in clear, so the port must not be reachable
 		// from another host.
-		host, _, err := net.SplitHostPort(a.Address)
-		if ip, perr := netip.ParseAddr(host); err != nil || (host != "localhost" && (perr != nil || !ip.IsLoopback())) {
+		if !isLoopback(a.Address) {
 			errs = append(errs, keyError("address", "%q is not a loopback host:port (e.g. 127.0.0.1:50053)", a.Address))
 		}
 		if a.TokenFile == "" {
@@ -37,4 +36,17 @@ func (a AdminConfig) validate() []error {
 		}
 	}
 	return errs
+}
+
+// isLoopback reports a host:port only this machine can reach.
+func isLoopback(hostPort string) bool {
+	host, _, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }

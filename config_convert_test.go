@@ -224,3 +224,14 @@ func TestYAMLAliases(t *testing.T) {
 		t.Errorf("unknown anchored key: %v", err)
 	}
 }
+
+func TestIsLoopback(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"127.0.0.1:50053": true, "127.0.0.2:1": true, "[::1]:50053": true, "localhost:50053": true,
+		"0.0.0.0:50053": false, "[::]:50053": false, "10.0.0.5:50053": false, "example.com:1": false, "127.0.0.1": false,
+	} {
+		if got := isLoopback(addr); got != want {
+			t.Errorf("isLoopback(%q) = %v", addr, got)
+		}
+	}
+}

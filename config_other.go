@@ -2,8 +2,9 @@
 
 package main
 
-// DefaultAdminSocket is where the admin endpoint listens; the unit's
-// RuntimeDirectory makes /run/flux-agent.
+// DefaultAdminSocket is where the admin endpoint listens. Under systemd,
+// /run/flux-agent must come from RuntimeDirectory=flux-agent: with
+// ProtectSystem=strict the agent cannot make it itself.
 const DefaultAdminSocket = "/run/flux-agent/admin.sock"
 
 // defaultAppsDir is where function code lives unless apps_dir says otherwise.

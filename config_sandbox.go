@@ -105,15 +105,15 @@ func (s SandboxConfig) validate() []error {
 	return errs
 }
 
-// checkPrefix refuses a prefix with bits set past its length
-// (10.0.0.1/8): it is most likely a typo, and which network was meant is
-// anyone's guess.
+// checkPrefix refuses a prefix with bits set past its length: 10.0.0.1/8
+// may mean the network 10.0.0.0/8 or a typo for the host 10.0.0.1/32, and
+// a policy must not guess which.
 func checkPrefix(p netip.Prefix) error {
 	if !p.IsValid() {
 		return errors.New("not a valid prefix")
 	}
 	if p.Masked() != p {
-		return fmt.Errorf("%s has bits set past its /%d; the network is %s", p, p.Bits(), p.Masked())
+		return fmt.Errorf("%s has bits set past its /%d; write %s for the network", p, p.Bits(), p.Masked())
 	}
 	return nil
 }
