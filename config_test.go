@@ -1,7 +1,7 @@
 package main
 
 import (
-	"context"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/sethvargo/go-envconfig"
 )
 
 // writeConfig writes a config file into a fresh folder and returns its path.
@@ -22,9 +21,20 @@ func writeConfig(t *testing.T, body string) string {
 	return path
 }
 
+// load runs LoadConfig with env as the whole environment.
 func load(t *testing.T, env map[string]string) (Config, error) {
 	t.Helper()
-	return LoadConfig(context.Background(), envconfig.MapLookuper(env))
+	return LoadConfig(func(key string) (string, bool) {
+		v, ok := env[key]
+		return v, ok
+	})
+}
+
+// configCmp compares Configs: a RedisAddr by what was written.
+var configCmp = []cmp.Option{
+	cmp.AllowUnexported(Config{}),
+	cmp.Comparer(func(a, b RedisAddr) bool { return a.text == b.text }),
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
 }
 
 func TestLoadConfigFluxFile(t *testing.T) {
@@ -44,7 +54,7 @@ tls:
 	}
 	want := DefaultConfig()
 	want.AgentID = "agent-7f3a"
-	want.RedisAddr = "redis://10.0.0.2:6379"
+	want.RedisAddr = mustRedisAddr("redis://10.0.0.2:6379")
 	want.TLS = TLSConfig{
 		Enabled:  true,
 		CACert:   "/home/admin/flux-agent/tls/ca.pem",
@@ -52,7 +62,7 @@ tls:
 		KeyFile:  "/home/admin/flux-agent/tls/agent-key.pem",
 	}
 	want.dir = filepath.Dir(path)
-	if diff := cmp.Diff(want, cfg, cmp.AllowUnexported(Config{})); diff != "" {
+	if diff := cmp.Diff(want, cfg, configCmp...); diff != "" {
 		t.Errorf("config (-want +got):\n%s", diff)
 	}
 }
@@ -67,7 +77,7 @@ func TestExampleConfigShowsTheDefaults(t *testing.T) {
 	if err := got.Parse(strings.NewReader(string(data))); err != nil {
 		t.Fatalf("example.agent.yaml: %v", err)
 	}
-	if diff := cmp.Diff(DefaultConfig(), got, cmp.AllowUnexported(Config{})); diff != "" {
+	if diff := cmp.Diff(DefaultConfig(), got, configCmp...); diff != "" {
 		t.Errorf("example.agent.yaml differs from DefaultConfig (-default +example):\n%s", diff)
 	}
 }
@@ -97,7 +107,7 @@ func TestLoadConfigValues(t *testing.T) {
 				"FLUX_AGENT_NETWORK_PUBLIC_IP_URL": "", "FLUX_AGENT_MAX_TASKS": "8",
 			},
 			check: func(t *testing.T, c Config) {
-				if c.Port != 7000 || c.RedisAddr != "rediss://cache:6380" || c.OutputLimit != 1<<20 ||
+				if c.Port != 7000 || c.RedisAddr.String() != "rediss://cache:6380" || c.OutputLimit != 1<<20 ||
 					c.ShutdownGrace != 5*time.Second || c.Network.PublicIPURL != "" || c.MaxTasks != 8 {
 					t.Errorf("env not applied: %+v", c)
 				}
@@ -126,8 +136,8 @@ func TestLoadConfigValues(t *testing.T) {
 			name: "uid range",
 			file: "sandbox:\n  uid_range: 2000000-2000999\n",
 			check: func(t *testing.T, c Config) {
-				if r, err := c.Sandbox.UIDs(); err != nil || r.First != 2000000 || r.Count != 1000 {
-					t.Errorf("uid range %+v, %v", r, err)
+				if r := c.Sandbox.UIDRange; r != (UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000}) {
+					t.Errorf("uid range %+v", r)
 				}
 			},
 		},
@@ -179,8 +189,12 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		{"uid range from 0", "sandbox:\n  uid_range: 0-100\n", nil, "sandbox.uid_range:"},
 		{"uid range junk", "sandbox:\n  uid_range: many\n", nil, "sandbox.uid_range:"},
 		{"tls not a mapping", "tls: yes\n", nil, "tls: want a mapping"},
-		{"bad env port", "", map[string]string{"FLUX_AGENT_PORT": "x"}, "Port"},
-		{"bad env bool", "", map[string]string{"FLUX_AGENT_TLS_ENABLED": "maybe"}, "TLS: Enabled"},
+		{"bad env port", "", map[string]string{"FLUX_AGENT_PORT": "x"}, "FLUX_AGENT_PORT (port):"},
+		{"bad env bool", "", map[string]string{"FLUX_AGENT_TLS_ENABLED": "maybe"}, "FLUX_AGENT_TLS_ENABLED (tls.enabled):"},
+		{"empty env port", "", map[string]string{"FLUX_AGENT_PORT": ""}, "FLUX_AGENT_PORT (port): empty"},
+		{"key set twice", "port: 1\nport: 2\n", nil, "port: set twice (first on line 1) (line 2)"},
+		{"section a list", "sandbox: [1]\n", nil, "sandbox: want a mapping of keys, got a list"},
+		{"value a mapping", "max_tasks:\n  a: 1\n", nil, "max_tasks: want a single value, got a mapping"},
 		{"not yaml", "port: [\n", nil, "parse YAML"},
 	}
 	for _, tt := range tests {
@@ -233,12 +247,12 @@ func TestRedisOptions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		c := DefaultConfig()
-		c.RedisAddr, c.RedisMasterName = tt.addr, tt.master
-		o, err := c.RedisOptions()
-		if err != nil {
+		if err := c.RedisAddr.UnmarshalText([]byte(tt.addr)); err != nil {
 			t.Errorf("%s: %v", tt.addr, err)
 			continue
 		}
+		c.RedisMasterName = tt.master
+		o := c.RedisOptions()
 		if diff := cmp.Diff(tt.wantAddrs, o.Addrs); diff != "" {
 			t.Errorf("%s: addrs (-want +got):\n%s", tt.addr, diff)
 		}
@@ -251,13 +265,13 @@ func TestRedisOptions(t *testing.T) {
 func TestByteSize(t *testing.T) {
 	for in, want := range map[string]ByteSize{"0": 0, "1024": 1024, "16MiB": 16 << 20, "2 GiB": 2 << 30, "5KB": 5000, "3M": 3 << 20} {
 		var b ByteSize
-		if err := b.EnvDecode(in); err != nil || b != want {
+		if err := b.UnmarshalText([]byte(in)); err != nil || b != want {
 			t.Errorf("%q: got %d, %v; want %d", in, b, err, want)
 		}
 	}
 	for _, in := range []string{" ", "-1", "1.5MiB", "MiB", "9999999999GiB"} {
 		var b ByteSize
-		if err := b.EnvDecode(in); err == nil {
+		if err := b.UnmarshalText([]byte(in)); err == nil {
 			t.Errorf("%q: no error", in)
 		}
 	}
@@ -267,13 +281,18 @@ func TestByteSize(t *testing.T) {
 }
 
 // check-config's output is the whole effective config, as a config file:
-// parsed back it gives the same values, with the Redis password hidden.
+// parsed back it gives the same values, every key set to something other
+// than its default, with the Redis password hidden.
 func TestPrintConfigRoundTrips(t *testing.T) {
 	cfg := DefaultConfig()
-	cfg.RedisAddr = "redis://user:s3cret@cache:6380/1"
-	cfg.TLS = TLSConfig{Enabled: true, CACert: "/etc/ca.pem", CertFile: "/etc/a.pem", KeyFile: "/etc/a-key.pem"}
-	cfg.Log.File = "/var/log/flux-agent.log"
-	cfg.Sandbox.UIDRange = "2000000-2000999"
+	for _, s := range settings(&cfg) {
+		if err := s.set(keyCaseFor(t, s.key).text); err != nil {
+			t.Fatalf("%s: %v", s.key, err)
+		}
+	}
+	if err := cfg.RedisAddr.UnmarshalText([]byte("redis://user:s3cret@cache:6380/1")); err != nil {
+		t.Fatal(err)
+	}
 	var out strings.Builder
 	if err := printConfig(&out, cfg); err != nil {
 		t.Fatal(err)
@@ -282,13 +301,12 @@ func TestPrintConfigRoundTrips(t *testing.T) {
 		t.Errorf("the Redis password is shown:\n%s", out.String())
 	}
 	back := DefaultConfig()
-	back.Port = 1
 	if err := back.Parse(strings.NewReader(out.String())); err != nil {
 		t.Fatalf("output is not a valid config: %v\n%s", err, out.String())
 	}
 	want := cfg
-	want.RedisAddr = redactedRedisAddr(cfg.RedisAddr)
-	if diff := cmp.Diff(want, back, cmp.AllowUnexported(Config{})); diff != "" {
+	want.RedisAddr = mustRedisAddr(cfg.RedisAddr.String())
+	if diff := cmp.Diff(want, back, configCmp...); diff != "" {
 		t.Errorf("round trip (-want +got):\n%s", diff)
 	}
 }

@@ -20,7 +20,6 @@ import (
 
 	"github.com/redis/go-redis/extra/redisotel/v9"
 	"github.com/redis/go-redis/v9"
-	"github.com/sethvargo/go-envconfig"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -71,7 +70,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "flux-agent %s (%s) %s/%s\n", version, commit, runtime.GOOS, runtime.GOARCH)
 		return 0
 	}
-	cfg, err := LoadConfig(ctx, envconfig.OsLookuper())
+	cfg, err := LoadConfig(os.LookupEnv)
 	switch fs.Arg(0) {
 	case "":
 	case "check-config":
@@ -103,7 +102,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		defer f.Close()
 		logOut = f
 	}
-	logger, err := telemetry.NewLogger(logOut, cfg.Log.Format, cfg.Log.Level)
+	logger, err := cfg.Log.newLogger(logOut)
 	if err != nil {
 		fmt.Fprintf(stderr, "flux-agent: %v\n", err)
 		return 1
@@ -116,7 +115,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 func usage(w io.Writer) {
-	d := DefaultConfig()
 	fmt.Fprintf(w, `flux-agent runs Serverless Fabric functions as sandboxed native processes for Flux.
 
 Usage:
@@ -124,27 +122,17 @@ Usage:
   flux-agent check-config     validate the configuration and print the effective values
 
 Configuration: the YAML file named by AGENT_CONFIG (default ./%s), then
-environment variables %s<KEY> (e.g. %sPORT, %sREDIS_ADDR, %sTLS_ENABLED).
-Defaults: port %d, redis_addr %s, apps_dir %s, execution_ttl %s,
-output_limit %s, shutdown_grace %s, queue_limit %d, metrics_address %s.
-See example.agent.yaml for every key.
-`, DefaultConfigPath, envPrefix, envPrefix, envPrefix, envPrefix,
-		d.Port, d.RedisAddr, d.AppsDir, d.ExecutionTTL, d.OutputLimit, d.ShutdownGrace, d.QueueLimit, d.Telemetry.MetricsAddress)
+environment variables %s<KEY>, which win. example.agent.yaml explains
+every key:
+
+`, DefaultConfigPath, envPrefix)
+	writeDefaults(w)
 }
 
 // serve runs the agent until ctx is cancelled (a signal), then shuts down.
 func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	host, _ := os.Hostname()
-	tel, err := telemetry.Setup(ctx, telemetry.Config{
-		ServiceVersion: version,
-		AgentID:        cfg.AgentID,
-		HostName:       host,
-		OTLPEndpoint:   cfg.Telemetry.OTLPEndpoint,
-		OTLPProtocol:   cfg.Telemetry.OTLPProtocol,
-		OTLPInsecure:   cfg.Telemetry.OTLPInsecure,
-		MetricsPush:    cfg.Telemetry.MetricsPush,
-		Logger:         logger,
-	})
+	tel, err := telemetry.Setup(ctx, cfg.telemetryConfig(version, host, logger))
 	if err != nil {
 		return fmt.Errorf("telemetry: %w", err)
 	}
@@ -155,10 +143,7 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		err = errors.Join(err, tel.Shutdown(flushCtx))
 	}()
 
-	redisOpts, err := cfg.RedisOptions()
-	if err != nil {
-		return fmt.Errorf("redis_addr: %w", err)
-	}
+	redisOpts := cfg.RedisOptions()
 	redisOpts.ClientName = "flux-agent:" + cfg.AgentID
 	rdb := redis.NewUniversalClient(redisOpts)
 	defer rdb.Close()
@@ -166,33 +151,13 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		return fmt.Errorf("redis tracing: %w", err)
 	}
 
-	pidsLimit := cfg.Sandbox.PidsLimit
-	if pidsLimit == 0 {
-		pidsLimit = sandbox.NoPidsLimit // 0 in the config means unlimited
-	}
-	uids, _ := cfg.Sandbox.UIDs() // validated with the config
-	sb, err := sandbox.New(sandbox.Config{
-		CgroupRoot: cfg.Sandbox.CgroupRoot,
-		User:       cfg.Sandbox.RunAsUser,
-		UIDs:       uids,
-		PidsLimit:  pidsLimit,
-		ScratchDir: cfg.Sandbox.ScratchDir,
-		Logger:     logger,
-	})
+	sb, err := sandbox.New(cfg.sandboxConfig(logger))
 	if err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
 	defer sb.Close()
 
-	store, err := deployments.Open(cfg.AppsDir, deployments.Options{
-		Limits: deployments.Limits{
-			MaxBytes: int64(cfg.Deploy.MaxBytes),
-			MaxFiles: cfg.Deploy.MaxFiles,
-			MaxRatio: cfg.Deploy.MaxRatio,
-		},
-		Keep:   keepVersions(cfg.Deploy.KeepVersions),
-		Logger: logger,
-	})
+	store, err := deployments.Open(cfg.AppsDir, cfg.deployOptions(logger))
 	if err != nil {
 		return fmt.Errorf("apps_dir: %w", err)
 	}
@@ -207,23 +172,12 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		&http.Client{Timeout: nodeinfo.DefaultPublicIPTimeout}, logger)
 	defer ips.Close()
 
-	svc, err := service.New(service.Options{
-		AgentID:      cfg.AgentID,
-		Version:      version,
-		Redis:        rdb,
-		ExecutionTTL: cfg.ExecutionTTL,
-		OutputLimit:  int64(cfg.OutputLimit),
-		MaxTasks:     cfg.MaxTasks,
-		QueueLimit:   cfg.QueueLimit,
-		KillGrace:    cfg.Sandbox.KillGrace,
-		Sandbox:      sb,
-		Deployments:  store,
-		Node:         sampler,
-		IPs:          ips,
-		Metrics:      tel.Metrics,
-		Tracer:       tel.TracerProvider,
-		Logger:       logger,
-	})
+	svcOpts := cfg.serviceLimits()
+	svcOpts.AgentID, svcOpts.Version = cfg.AgentID, version
+	svcOpts.Redis, svcOpts.Sandbox, svcOpts.Deployments = rdb, sb, store
+	svcOpts.Node, svcOpts.IPs = sampler, ips
+	svcOpts.Metrics, svcOpts.Tracer, svcOpts.Logger = tel.Metrics, tel.TracerProvider, logger
+	svc, err := service.New(svcOpts)
 	if err != nil {
 		return err
 	}
@@ -283,8 +237,8 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	logger.Info("flux-agent started",
 		"version", version, "commit", commit, "agent_id", cfg.AgentID,
 		"grpc_address", lis.Addr().String(), "tls", cfg.TLS.Enabled,
-		"metrics_address", addrOf(metricsServer), "redis_addr", redactedRedisAddr(cfg.RedisAddr),
-		"apps_dir", cfg.AppsDir, "max_tasks", cfg.MaxTasks,
+		"metrics_address", addrOf(metricsServer), "redis_addr", cfg.RedisAddr.String(),
+		"apps_dir", cfg.AppsDir, "max_tasks", svcOpts.MaxTasks,
 		"isolation_cgroup", iso.Cgroup, "isolation_user", iso.User, "isolation_degraded", iso.Degraded,
 		"node_private_ip", ips.PrivateIP())
 	healthServer.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
@@ -321,15 +275,6 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	}
 	logger.Info("flux-agent stopped")
 	return shutdownErr
-}
-
-// keepVersions maps deploy.keep_versions (0 = keep none) to
-// deployments.Options.Keep (0 = its default, negative = none).
-func keepVersions(n int) int {
-	if n == 0 {
-		return -1
-	}
-	return n
 }
 
 func nodeSample(s *nodeinfo.Sampler) func(context.Context) (telemetry.NodeSample, error) {

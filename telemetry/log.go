@@ -29,18 +29,9 @@ var (
 // (logger.InfoContext(ctx, …)) carry its trace_id and span_id, which is what
 // joins a log line to its trace in Jaeger.
 func NewLogger(w io.Writer, format, level string) (*slog.Logger, error) {
-	var lvl slog.Level
-	switch strings.ToLower(strings.TrimSpace(level)) {
-	case "debug":
-		lvl = slog.LevelDebug
-	case "", "info":
-		lvl = slog.LevelInfo
-	case "warn", "warning":
-		lvl = slog.LevelWarn
-	case "error":
-		lvl = slog.LevelError
-	default:
-		return nil, fmt.Errorf("%w %q: use debug, info, warn or error", ErrUnknownLogLevel, level)
+	lvl, err := ParseLevel(level)
+	if err != nil {
+		return nil, err
 	}
 	opts := &slog.HandlerOptions{Level: lvl}
 
@@ -54,6 +45,23 @@ func NewLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 		return nil, fmt.Errorf("%w %q: use %s or %s", ErrUnknownLogFormat, format, LogFormatJSON, LogFormatText)
 	}
 	return slog.New(NewTraceHandler(inner)), nil
+}
+
+// ParseLevel reads a log level the way NewLogger does ("debug", "info" or
+// empty, "warn" or "warning", "error", in any case), so that a config can
+// refuse at load time exactly the levels NewLogger would refuse.
+func ParseLevel(level string) (slog.Level, error) {
+	switch strings.ToLower(strings.TrimSpace(level)) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "", "info":
+		return slog.LevelInfo, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%w %q: use debug, info, warn or error", ErrUnknownLogLevel, level)
 }
 
 // TraceHandler adds trace_id and span_id to records whose context holds a
