@@ -18,7 +18,7 @@ import (
 
 // redisOnSocket runs a real redis-server listening on a unix socket only
 // (no port to race for) until the test ends.
-func redisOnSocket(t *testing.T) string {
+func redisOnSocket(t testing.TB) string {
 	t.Helper()
 	path, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -149,5 +149,41 @@ func TestRedisErrorKindNeverQuotes(t *testing.T) {
 		if got := redisErrorKind(tc.err); got != tc.want {
 			t.Errorf("redisErrorKind(%v) = %q, want %q", tc.err, got, tc.want)
 		}
+	}
+}
+
+// BenchmarkRedisPipeline measures what InstrumentRedis adds to the agent's
+// commonest write (an output chunk: SETRANGE and EXPIRE in one pipeline)
+// against a real Redis on a unix socket, inside a recording span:
+//
+//	go test -run '^$' -bench RedisPipeline ./telemetry/
+func BenchmarkRedisPipeline(b *testing.B) {
+	for _, instrumented := range []bool{false, true} {
+		b.Run(map[bool]string{false: "bare", true: "instrumented"}[instrumented], func(b *testing.B) {
+			socket := redisOnSocket(b)
+			tp := sdktrace.NewTracerProvider()
+			defer tp.Shutdown(context.Background())
+			rdb := redis.NewClient(&redis.Options{Network: "unix", Addr: socket})
+			defer rdb.Close()
+			if instrumented {
+				if err := InstrumentRedis(rdb, tp); err != nil {
+					b.Fatal(err)
+				}
+			}
+			ctx, span := tp.Tracer("bench").Start(context.Background(), "parent")
+			defer span.End()
+			chunk := strings.Repeat("x", 512)
+			const key = "flux:agent:a1:exec:{e1}:output"
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+					p.SetRange(ctx, key, 0, chunk)
+					p.Expire(ctx, key, time.Hour)
+					return nil
+				}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
