@@ -3,7 +3,8 @@ package telemetry
 import "go.opentelemetry.io/otel/attribute"
 
 // ScopeName names the agent's own instrumentation scope, so spans and
-// instruments the agent creates are told apart from otelgrpc's and redisotel's.
+// instruments the agent creates are told apart from otelgrpc's (the Redis
+// spans use ScopeName + "/redis").
 const ScopeName = "github.com/serverless-fabric/flux-agent"
 
 // ServiceName is the resource's service.name unless OTEL_SERVICE_NAME says
