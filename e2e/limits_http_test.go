@@ -156,6 +156,10 @@ func TestMetricsPortSurvivesIdleConnectionFlood(t *testing.T) {
 	if grown := during.rssKiB - before.rssKiB; grown > 64<<10 {
 		t.Errorf("agent RSS grew by %d MiB during the flood", grown>>10)
 	}
+	// The flood is reported, once: not a line per connection.
+	if n := strings.Count(a.logs.String(), "metrics server at its connection cap"); n != 1 {
+		t.Errorf("%d log lines about the connection cap during one flood, want 1", n)
+	}
 
 	for _, conn := range conns {
 		conn.Close()
