@@ -101,10 +101,9 @@ func envPositive(name string, def int) int {
 // dropped, counted, and the first drop of a burst is logged.
 //
 // A span's bytes count from its end until the export that carries it
-// returns, so the budget also covers the batch in flight. Strings the SDK
-// leaves unbounded (event and link attributes, the status description, the
-// span name) are cut to the attribute value length first, so the largest
-// span is bounded and its size is known before it is queued.
+// returns, so the budget also covers the batch in flight. Before a span is
+// queued its strings are cut and detached (see boundSpan), so the largest
+// span is bounded and what it holds is what it is counted for.
 type spanQueue struct {
 	exporter sdktrace.SpanExporter
 	opts     queueOptions
