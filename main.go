@@ -18,7 +18,6 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/redis/go-redis/extra/redisotel/v9"
 	"github.com/redis/go-redis/v9"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"google.golang.org/grpc"
@@ -147,7 +146,7 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	redisOpts.ClientName = "flux-agent:" + cfg.AgentID
 	rdb := redis.NewUniversalClient(redisOpts)
 	defer rdb.Close()
-	if err := redisotel.InstrumentTracing(rdb, redisotel.WithTracerProvider(tel.TracerProvider)); err != nil {
+	if err := telemetry.InstrumentRedis(rdb, tel.TracerProvider); err != nil {
 		return fmt.Errorf("redis tracing: %w", err)
 	}
 

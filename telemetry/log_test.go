@@ -112,7 +112,7 @@ func TestLogLineJoinsItsSpan(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, span := tel.Tracer().Start(context.Background(), SpanExecution)
+	ctx, span := tel.TracerProvider.Tracer(ScopeName).Start(context.Background(), SpanExecution)
 	logger.InfoContext(ctx, "running")
 	span.End()
 

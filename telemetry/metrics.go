@@ -13,12 +13,14 @@ import (
 )
 
 // Metric label keys. Their values are bounded: function names (as many as
-// are deployed), statuses and Redis operation names, never execution ids.
+// are deployed), statuses, Redis operation names and drop reasons, never
+// execution ids.
 const (
 	labelFunction  = attribute.Key("function")
 	labelStatus    = attribute.Key("status")
 	labelAsync     = attribute.Key("async")
 	labelOperation = attribute.Key("operation")
+	labelReason    = attribute.Key("reason")
 )
 
 // Deploy outcomes, the status label of the deploys metric.
@@ -178,8 +180,9 @@ func (m *Metrics) Deployed(ctx context.Context, function string, bytes int64, er
 	}
 }
 
-// RedisError counts a failed Redis operation. op names the operation
-// ("xadd", "set", …), from a fixed set chosen by the caller.
+// RedisError counts a failed Redis operation. op names what the agent was
+// doing ("create_record", "write_output", "finish_record", …), from a fixed
+// set chosen by the caller.
 func (m *Metrics) RedisError(ctx context.Context, op string) {
 	m.redisErrs.Add(ctx, 1, metric.WithAttributes(labelOperation.String(op)))
 }
@@ -245,5 +248,32 @@ func (m *Metrics) Isolation(ctx context.Context, cgroup, user string, degraded b
 	}
 	g.Record(ctx, 1, metric.WithAttributes(
 		attribute.String("cgroup", cgroup), attribute.String("user", user), attribute.Bool("degraded", degraded)))
+	return nil
+}
+
+// observeSpanQueue publishes the span export queue's state at each
+// collection: flux_telemetry_spans_dropped_total{reason="queue_full" or
+// "export_failed"} and flux_telemetry_span_queue_used_bytes.
+func (m *Metrics) observeSpanQueue(q *spanQueue) error {
+	dropped, err := m.meter.Int64ObservableCounter("flux.telemetry.spans.dropped", metric.WithUnit("{span}"),
+		metric.WithDescription("Spans dropped before export: the export queue was full, or their export failed."))
+	if err != nil {
+		return fmt.Errorf("register dropped-spans counter: %w", err)
+	}
+	used, err := m.meter.Int64ObservableGauge("flux.telemetry.span_queue.used", metric.WithUnit("By"),
+		metric.WithDescription("Memory held by spans waiting for export or being exported."))
+	if err != nil {
+		return fmt.Errorf("register span queue gauge: %w", err)
+	}
+	_, err = m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		for _, reason := range []string{dropQueueFull, dropExportFailed} {
+			o.ObserveInt64(dropped, q.dropped(reason), metric.WithAttributes(labelReason.String(reason)))
+		}
+		o.ObserveInt64(used, q.heldGauge.Load())
+		return nil
+	}, dropped, used)
+	if err != nil {
+		return fmt.Errorf("register span queue metrics: %w", err)
+	}
 	return nil
 }

@@ -57,7 +57,7 @@ func TestMetricsAppearInPrometheusOutput(t *testing.T) {
 	m.ExecutionFinished(ctx, "hello", ExecutionOutcome{Status: StatusFailed, Duration: time.Minute, TimedOut: true})
 	m.Deployed(ctx, "hello", 3000, nil)
 	m.Deployed(ctx, "broken", 10, errors.New("bad zip"))
-	m.RedisError(ctx, "xadd")
+	m.RedisError(ctx, "write_output")
 	if err := m.ObserveNode(func(context.Context) (NodeSample, error) {
 		return NodeSample{CPUPercent: 12.5, MemoryPercent: 50, MemoryUsedBytes: 4 << 30, MemoryTotalBytes: 8 << 30}, nil
 	}); err != nil {
@@ -81,7 +81,7 @@ func TestMetricsAppearInPrometheusOutput(t *testing.T) {
 		`flux_deploys_total{function="hello",status="ok"} 1`,
 		`flux_deploys_total{function="broken",status="failed"} 1`,
 		`flux_deploy_size_bytes_sum{function="hello"} 3000`,
-		`flux_redis_errors_total{operation="xadd"} 1`,
+		`flux_redis_errors_total{operation="write_output"} 1`,
 		`flux_node_cpu_usage_percent 12.5`,
 		`flux_node_memory_usage_percent 50`,
 		`flux_node_memory_used_bytes 4.294967296e+09`,

@@ -3,7 +3,8 @@ package telemetry
 import "go.opentelemetry.io/otel/attribute"
 
 // ScopeName names the agent's own instrumentation scope, so spans and
-// instruments the agent creates are told apart from otelgrpc's and redisotel's.
+// instruments the agent creates are told apart from otelgrpc's (the Redis
+// spans use ScopeName + "/redis").
 const ScopeName = "github.com/serverless-fabric/flux-agent"
 
 // ServiceName is the resource's service.name unless OTEL_SERVICE_NAME says
@@ -22,6 +23,11 @@ const (
 	SpanSandboxWait = "flux.sandbox.wait"
 	// SpanDeploy covers receiving, checking and unpacking a function's code.
 	SpanDeploy = "flux.deploy"
+	// SpanRedisDial covers opening one connection to a Redis server. Other
+	// Redis spans are named after their command ("set", "hget") or, for a
+	// pipeline, "redis.pipeline" and its commands ("redis.pipeline setrange
+	// expire").
+	SpanRedisDial = "redis.dial"
 )
 
 // Span attribute keys. Build values with the key's methods, for example
@@ -69,11 +75,20 @@ const (
 	AttrDeployBytes = attribute.Key("flux.deploy.bytes")
 	// AttrDeployFiles is how many files the zip held.
 	AttrDeployFiles = attribute.Key("flux.deploy.files")
+
+	// AttrRedisKey is the key a Redis command works on. The agent's keys
+	// hold only the agent id and an execution id or a fixed name, never a
+	// value.
+	AttrRedisKey = attribute.Key("flux.redis.key")
+	// AttrRedisKeys lists the distinct keys of a pipeline's commands.
+	AttrRedisKeys = attribute.Key("flux.redis.keys")
 )
 
-// Execution outcomes, used as the status of an execution span and as the
-// status label of the finished-executions metric.
+// Execution statuses as the execution record, the execution span's
+// AttrStatus and the finished-executions metric's status label spell them.
+// StatusRunning is only ever in a record: spans and metrics see outcomes.
 const (
+	StatusRunning   = "running"
 	StatusSuccess   = "success"
 	StatusFailed    = "failed"
 	StatusCancelled = "cancelled"

@@ -3,8 +3,10 @@
 // /healthz and /readyz, the agent's metric instruments, and an slog logger
 // that stamps each line with the trace it belongs to. An unreachable or slow
 // collector never blocks or fails the work being observed: spans wait in a
-// bounded queue that drops when full, and exports run in the background with
-// timeouts.
+// queue bounded in bytes that drops when full, and exports run in the
+// background with timeouts. What a span may hold is bounded too (see
+// limits.go), and the Redis instrumentation (InstrumentRedis) records
+// commands and keys, never values.
 package telemetry
 
 import (
@@ -61,6 +63,10 @@ type Config struct {
 	// MetricsPush also pushes metrics by OTLP to the same endpoint
 	// (OTEL_METRICS_EXPORTER=otlp does too); /metrics is served either way.
 	MetricsPush bool
+	// ExportQueueBytes is the memory ended spans may take while they wait
+	// for export; beyond it they are dropped. 0 means
+	// DefaultExportQueueBytes.
+	ExportQueueBytes int64
 
 	// Logger receives telemetry's own messages, including export failures
 	// once SetGlobal has run. Nil discards them.
@@ -68,8 +74,9 @@ type Config struct {
 }
 
 // Telemetry holds the providers the agent instruments itself with. Pass the
-// providers to otelgrpc and redisotel, create spans from Tracer, and call
-// Shutdown before exit so queued spans and metrics are flushed.
+// providers to otelgrpc and InstrumentRedis, create spans from
+// TracerProvider.Tracer(ScopeName), and call Shutdown before exit so queued
+// spans and metrics are flushed.
 type Telemetry struct {
 	TracerProvider trace.TracerProvider
 	MeterProvider  metric.MeterProvider
@@ -83,7 +90,7 @@ type Telemetry struct {
 	serviceVersion string
 	logger         *slog.Logger
 	tracerProvider *sdktrace.TracerProvider
-	spanExporter   sdktrace.SpanExporter
+	spanQueue      *spanQueue
 	meterProvider  *sdkmetric.MeterProvider
 	tracesExported bool
 	metricsPushed  bool
@@ -160,10 +167,13 @@ type attributeValue struct {
 
 // setupTraces builds the tracer provider. The sampler is left to the SDK so
 // OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG apply (default: parent
-// based, always on), and so are the batch processor's settings (OTEL_BSP_*):
-// a queue of 2048 spans that drops rather than blocks when full.
+// based, always on). Span limits come from OTEL_SPAN_*_LIMIT held to the
+// caps in limits.go, and exported spans go through a spanQueue bounded by
+// cfg.ExportQueueBytes and the OTEL_BSP_* settings, which drops rather than
+// blocks when full.
 func (t *Telemetry) setupTraces(ctx context.Context, cfg Config, res *resource.Resource) error {
-	opts := []sdktrace.TracerProviderOption{sdktrace.WithResource(res)}
+	limits := spanLimits()
+	opts := []sdktrace.TracerProviderOption{sdktrace.WithResource(res), sdktrace.WithRawSpanLimits(limits)}
 
 	exporters, err := exporterChoice(envTracesExporter, "otlp", "none")
 	if err != nil {
@@ -178,11 +188,13 @@ func (t *Telemetry) setupTraces(ctx context.Context, cfg Config, res *resource.R
 		if err != nil {
 			return fmt.Errorf("trace exporter: %w", err)
 		}
-		opts = append(opts, sdktrace.WithBatcher(exporter))
-		t.spanExporter = exporter
+		queueOpts := queueOptionsFromEnv(cfg.ExportQueueBytes, limits.AttributeValueLengthLimit)
+		t.spanQueue = newSpanQueue(exporter, queueOpts, t.logger)
+		opts = append(opts, sdktrace.WithSpanProcessor(t.spanQueue))
 		t.tracesExported = true
 		t.logger.Info("telemetry: exporting traces by OTLP",
-			"protocol", target.protocol, "endpoint", target.describe(tracesSignal))
+			"protocol", target.protocol, "endpoint", target.describe(tracesSignal),
+			"queue_bytes", queueOpts.budgetBytes, "queue_spans", queueOpts.maxSpans)
 	} else {
 		t.logger.Info("telemetry: no OTLP endpoint configured, traces are not exported")
 	}
@@ -242,12 +254,13 @@ func (t *Telemetry) setupMetrics(ctx context.Context, cfg Config, res *resource.
 	t.meterProvider = sdkmetric.NewMeterProvider(opts...)
 	t.MeterProvider = t.meterProvider
 	t.Metrics, err = NewMetrics(t.meterProvider, t.serviceVersion)
-	return err
-}
-
-// Tracer returns the tracer for the agent's own spans (SpanExecution, …).
-func (t *Telemetry) Tracer() trace.Tracer {
-	return t.TracerProvider.Tracer(ScopeName, trace.WithInstrumentationVersion(t.serviceVersion))
+	if err != nil {
+		return err
+	}
+	if t.spanQueue != nil {
+		return t.Metrics.observeSpanQueue(t.spanQueue)
+	}
+	return nil
 }
 
 // SetGlobal installs the providers and propagator as OpenTelemetry's globals,
@@ -276,12 +289,14 @@ func (t *Telemetry) Shutdown(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("trace provider shutdown: %w", err))
 			}
 		}
-		if t.spanExporter != nil {
-			// When ctx ended first, the batch processor is still exporting in
-			// the background, retrying until the export timeout. Stopping the
-			// exporter (a no-op after a clean flush) abandons that export now.
-			if err := t.spanExporter.Shutdown(ctx); err != nil && !errors.Is(err, ctx.Err()) {
-				errs = append(errs, fmt.Errorf("span exporter shutdown: %w", err))
+		if t.spanQueue != nil {
+			// A no-op after the provider's shutdown reached it; not when ctx
+			// had ended before (the provider then skips its processors) or
+			// Setup failed before the provider was built. The queue flushes
+			// until ctx ends, then abandons the export in flight, so this
+			// returns in time with a collector down.
+			if err := t.spanQueue.Shutdown(ctx); err != nil {
+				errs = append(errs, err)
 			}
 		}
 		if t.meterProvider != nil {

@@ -49,7 +49,7 @@ func TestSetupWithNothingConfiguredExportsNothingButRecords(t *testing.T) {
 		t.Errorf("exporting with nothing configured: traces %v, metrics %v", tel.tracesExported, tel.metricsPushed)
 	}
 
-	_, span := tel.Tracer().Start(context.Background(), SpanExecution)
+	_, span := tel.TracerProvider.Tracer(ScopeName).Start(context.Background(), SpanExecution)
 	if !span.SpanContext().IsValid() || !span.IsRecording() {
 		t.Errorf("span without exporter: valid %v, recording %v; want both so logs carry trace ids",
 			span.SpanContext().IsValid(), span.IsRecording())
@@ -99,7 +99,7 @@ func TestExportsSpansWithResource(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, span := tel.Tracer().Start(context.Background(), SpanExecution)
+			_, span := tel.TracerProvider.Tracer(ScopeName).Start(context.Background(), SpanExecution)
 			span.SetAttributes(AttrFunction.String("hello"), AttrExecutionID.String("e-1"), AttrAsync.Bool(true))
 			span.End()
 			if err := tel.Shutdown(shutdownCtx(t)); err != nil {
@@ -143,7 +143,7 @@ func TestEnvironmentConfiguresExport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, span := tel.Tracer().Start(context.Background(), SpanDeploy)
+	_, span := tel.TracerProvider.Tracer(ScopeName).Start(context.Background(), SpanDeploy)
 	span.End()
 	tel.Metrics.Deployed(context.Background(), "hello", 2048, nil)
 	if err := tel.Shutdown(shutdownCtx(t)); err != nil {
@@ -201,7 +201,7 @@ func TestUnreachableCollectorNeverBlocks(t *testing.T) {
 			ended := make(chan struct{})
 			go func() {
 				defer close(ended)
-				tracer := tel.Tracer()
+				tracer := tel.TracerProvider.Tracer(ScopeName)
 				for range spans {
 					_, span := tracer.Start(context.Background(), SpanExecution)
 					span.End()
@@ -350,7 +350,7 @@ func BenchmarkSpanWithUnreachableCollector(b *testing.B) {
 		defer cancel()
 		tel.Shutdown(ctx)
 	}()
-	tracer := tel.Tracer()
+	tracer := tel.TracerProvider.Tracer(ScopeName)
 	b.ReportAllocs()
 	for b.Loop() {
 		_, span := tracer.Start(context.Background(), SpanExecution)
