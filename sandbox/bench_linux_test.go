@@ -24,8 +24,7 @@ func BenchmarkNoopExecution(b *testing.B) {
 		{"cgroup", Config{}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			tc.cfg.ScratchDir = b.TempDir()
-			s, err := New(tc.cfg)
+			s, err := New(testConfig(b, tc.cfg))
 			if err != nil {
 				b.Fatal(err)
 			}

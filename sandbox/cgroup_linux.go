@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -20,50 +19,41 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// resolvedLimits are an execution's limits with the config's defaults
-// applied; pids <= 0 is no pids limit.
-type resolvedLimits struct {
-	memory        *int64
-	cpuMillicores *int64
-	pids          int64
-}
-
-// cpuPeriodMicros is the CFS period a CPU quota is expressed against.
-const cpuPeriodMicros = 100_000
-
-func (l resolvedLimits) cpuQuotaMicros() int64 {
-	return *l.cpuMillicores * cpuPeriodMicros / 1000
-}
-
-// cgroupDriver makes one cgroup per execution in one cgroup version's
-// layout, under this agent instance's own parent cgroup.
+// cgroupDriver gives slots and executions their cgroups in one cgroup
+// version's layout, under this agent instance's own parent cgroup.
 type cgroupDriver interface {
 	version() string
-	// create makes the execution's cgroup with its limits written; an
-	// unwritable limit is an error and leaves nothing behind.
-	create(name string, limits resolvedLimits) (execCgroup, error)
+	// attach gives new slots what they need of the hierarchy before their
+	// first execution: on v1 cgroups of their own with the slot's thread
+	// inside (all slots of a batch moved one right after the other, so the
+	// moves share the kernel's grace periods); on v2 nothing.
+	attach(slots []*slot) error
+	// detach removes what attach made, once the slot's thread has ended.
+	detach(s *slot) error
+	// acquire returns the cgroup an execution about to start in s runs
+	// in, with its limits written; a limit the kernel refuses is an error.
+	acquire(s *slot, limits resolvedLimits) (execCgroup, error)
 	// close removes the instance's parent cgroup.
 	close() error
 }
 
 // execCgroup is one execution's cgroup.
 type execCgroup interface {
-	// prepare arranges for cmd to be in the cgroup before the function's
-	// first instruction. started, when not nil, must be called with the
-	// pid once cmd started and completes it; cleanup releases what prepare
-	// took, whether the start succeeded or not.
-	prepare(cmd *exec.Cmd) (started func(pid int) error, cleanup func(), err error)
+	// fd is the cgroup to be born into (CLONE_INTO_CGROUP), or -1 when the
+	// forking thread is inside it already.
+	fd() int
+	// join moves a held process in, for when clone3 is refused.
+	join(pid int) error
 	signalAll(sig syscall.Signal) error
 	// kill kills every process in the cgroup; none can fork meanwhile.
 	kill() error
 	waitEmpty(timeout time.Duration) error
 	measure(res *Result)
-	remove() error
+	// release gets the cgroup ready for the slot's next execution (v1) or
+	// removes it (v2). gone says the execution's processes were proven
+	// gone; an error keeps the slot from being reused.
+	release(gone bool) error
 }
-
-// v1Controllers are the v1 hierarchies the sandbox needs; cpuacct is
-// optional (CPU time then comes from rusage).
-var v1Controllers = []string{"memory", "cpu", "pids", "freezer"}
 
 // cgroupLayout is where the cgroup hierarchies are mounted and where this
 // agent sits in them, as read from mountinfo and /proc/self/cgroup.
@@ -133,21 +123,21 @@ func pathInMount(p, root string) string {
 
 // openCgroups finds a cgroup hierarchy this agent can write and removes
 // what crashed agents left in it, or says why there is none.
-func openCgroups(cfg Config, instance string, proc procfs.FS, log *slog.Logger) (cgroupDriver, string) {
+func openCgroups(cfg Config, instance string, proc procfs.FS, self int, log *slog.Logger) (cgroupDriver, string) {
 	if cfg.noCgroups {
 		return nil, "cgroups disabled"
 	}
 	// Not root is not checked here: a delegated v2 subtree is writable
 	// without it, and elsewhere the mkdir says "permission denied".
-	mounts, err := proc.GetProcMounts(os.Getpid())
+	mounts, err := proc.GetProcMounts(self)
 	if err != nil {
 		return nil, fmt.Sprintf("reading mounts: %v", err)
 	}
-	self, err := proc.Proc(os.Getpid())
+	me, err := proc.Proc(self)
 	if err != nil {
 		return nil, fmt.Sprintf("reading own cgroup: %v", err)
 	}
-	own, err := self.Cgroups()
+	own, err := me.Cgroups()
 	if err != nil {
 		return nil, fmt.Sprintf("reading own cgroup: %v", err)
 	}
@@ -155,7 +145,7 @@ func openCgroups(cfg Config, instance string, proc procfs.FS, log *slog.Logger) 
 	var drv cgroupDriver
 	switch layout.mode() {
 	case "v1":
-		drv, err = openCgroupV1(layout, cfg.CgroupRoot, instance, log)
+		drv, err = openCgroupV1(layout, cfg.CgroupRoot, instance, self, log)
 	case "v2":
 		drv, err = openCgroupV2(layout, cfg.CgroupRoot, instance, log)
 	default:
@@ -332,9 +322,11 @@ func readUint(dir, name string) (uint64, error) {
 	return v, nil
 }
 
-// signalProcs sends sig to every process listed in dir's cgroup.procs.
-func signalProcs(dir string, sig syscall.Signal) error {
-	pids, err := readProcs(dir)
+// signalProcs sends sig to every process listed in dir's cgroup.procs but
+// except (the agent itself, listed on v1 because a thread of it sits in the
+// slot's cgroups; 0 for none).
+func signalProcs(dir string, sig syscall.Signal, except int) error {
+	pids, err := readProcsExcept(dir, except)
 	if err != nil {
 		return err
 	}
@@ -345,6 +337,15 @@ func signalProcs(dir string, sig syscall.Signal) error {
 	return errors.Join(errs...)
 }
 
+// readProcsExcept lists the processes in a cgroup but except.
+func readProcsExcept(dir string, except int) ([]int, error) {
+	pids, err := readProcs(dir)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(pids, func(pid int) bool { return pid == except }), nil
+}
+
 // joinCgroupPath joins a mount point and a cgroup path, refusing a path
 // that climbs out of the mount.
 func joinCgroupPath(mount, cgroupPath string) (string, error) {
@@ -352,4 +353,54 @@ func joinCgroupPath(mount, cgroupPath string) (string, error) {
 		return "", fmt.Errorf("cgroup path %q climbs out of %s", cgroupPath, mount)
 	}
 	return filepath.Join(mount, cgroupPath), nil
+}
+
+// freezer freezes and thaws one cgroup (with its descendants) in its
+// version's way.
+type freezer struct {
+	freeze, thaw func() error
+	frozen       func() (bool, error)
+}
+
+// freezeTimeout bounds waiting for a cgroup to freeze; a task in
+// uninterruptible sleep can hold it back, and is killed all the same.
+const freezeTimeout = time.Second
+
+// freezeKillThaw kills every process in dirs (but except) while they are
+// frozen, so none can fork meanwhile, then thaws them so the kills take
+// effect. dirs is called once frozen, to see every descendant. A cgroup
+// that vanished meanwhile (its processes gone) is no error.
+func freezeKillThaw(f freezer, dirs func() []string, except int) error {
+	if err := f.freeze(); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	frozenErr := poll(freezeTimeout, f.frozen)
+	var errs []error
+	for _, d := range dirs() {
+		if err := signalProcs(d, unix.SIGKILL, except); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := f.thaw(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return errors.Join(err, frozenErr)
+	}
+	return nil // killed, even if not everything froze in time
+}
+
+// cgroupTree lists dir and every cgroup below it.
+func cgroupTree(dir string) []string {
+	dirs := []string{dir}
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() && p != dir {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	return dirs
 }

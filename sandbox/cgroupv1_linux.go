@@ -5,40 +5,45 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // defaultCgroupV1Root is the parent of the agents' cgroups in each v1
 // hierarchy.
 const defaultCgroupV1Root = "/flux-agent"
 
-// cgroupV1 keeps one cgroup per execution in each of the memory, cpu,
-// (cpuacct,) pids and freezer hierarchies.
+// v1Controllers are the v1 hierarchies the sandbox needs; cpuacct is
+// optional (CPU time then comes from rusage).
+var v1Controllers = []string{"memory", "cpu", "pids", "freezer"}
+
+// forceEmptyAbove is the memory a slot's cgroup may still be charged with
+// after an execution (page cache the function read) before it is
+// reclaimed: the next function's limit must not meet the last one's cache.
+const forceEmptyAbove = 1 << 20
+
+// cgroupV1 keeps a set of cgroups per slot, one in each of the memory, cpu,
+// (cpuacct,) pids and freezer hierarchies, with the slot's thread inside
+// so that functions are born in them; they are reset and reused from one
+// execution to the next.
 type cgroupV1 struct {
 	log *slog.Logger
+	// self is the agent's pid: v1's cgroup.procs lists it beside the
+	// functions, because the slot's thread sits there.
+	self int
 	// instance maps a controller to this agent's dir in its hierarchy.
 	instance map[string]string
-	sh, env  string
 }
 
-func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV1, error) {
+func openCgroupV1(layout cgroupLayout, root, instance string, self int, log *slog.Logger) (*cgroupV1, error) {
 	if root == "" {
 		root = defaultCgroupV1Root
 	}
-	sh, env, err := v1Tools()
-	if err != nil {
-		return nil, err
-	}
-	c := &cgroupV1{log: log, instance: map[string]string{}, sh: sh, env: env}
-	controllers := append([]string{"cpuacct"}, v1Controllers...)
-	for _, ctrl := range controllers {
+	c := &cgroupV1{log: log, self: self, instance: map[string]string{}}
+	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
 		mount, ok := layout.v1[ctrl]
 		if !ok {
 			if ctrl == "cpuacct" {
@@ -52,13 +57,13 @@ func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) 
 		}
 		c.instance[ctrl] = filepath.Join(parent, instance)
 	}
-	for _, parent := range c.parents() {
-		removeStaleInstances(parent, c.killTree, log)
+	for _, dir := range distinctDirs(c.instance) {
+		removeStaleInstances(filepath.Dir(dir), c.killStale, log)
 	}
 	var made []string
-	for _, dir := range c.hierarchyDirs(c.instance) {
+	for _, dir := range distinctDirs(c.instance) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, errors.Join(err, c.removeDirs(made))
+			return nil, errors.Join(err, removeDirs(made))
 		}
 		made = append(made, dir)
 	}
@@ -67,18 +72,9 @@ func openCgroupV1(layout cgroupLayout, root, instance string, log *slog.Logger) 
 
 func (c *cgroupV1) version() string { return "v1" }
 
-// parents are the dirs holding the instances of all agents.
-func (c *cgroupV1) parents() []string {
-	var out []string
-	for _, dir := range c.hierarchyDirs(c.instance) {
-		out = append(out, filepath.Dir(dir))
-	}
-	return out
-}
-
-// hierarchyDirs lists the distinct dirs of a controller map: co-mounted
+// distinctDirs lists the distinct dirs of a controller map: co-mounted
 // controllers (cpu,cpuacct) share one.
-func (c *cgroupV1) hierarchyDirs(dirs map[string]string) []string {
+func distinctDirs(dirs map[string]string) []string {
 	var out []string
 	seen := map[string]bool{}
 	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
@@ -90,7 +86,7 @@ func (c *cgroupV1) hierarchyDirs(dirs map[string]string) []string {
 	return out
 }
 
-func (c *cgroupV1) removeDirs(dirs []string) error {
+func removeDirs(dirs []string) error {
 	var errs []error
 	for _, d := range dirs {
 		errs = append(errs, rmdirCgroup(d, emptyTimeout))
@@ -98,205 +94,200 @@ func (c *cgroupV1) removeDirs(dirs []string) error {
 	return errors.Join(errs...)
 }
 
-// killTree kills everything in a stale instance: frozen first, so a fork
-// bomb cannot outrun it.
-func (c *cgroupV1) killTree(freezerInstanceDir string) error {
-	name := filepath.Base(freezerInstanceDir)
-	dirs := map[string]string{}
-	for ctrl, d := range c.instance {
-		dirs[ctrl] = filepath.Join(filepath.Dir(d), name)
-	}
-	return killFrozenV1(dirs["freezer"], true)
+// killStale kills everything in a dead agent's instance (found through its
+// freezer dir), frozen first so a fork bomb cannot outrun it.
+func (c *cgroupV1) killStale(dir string) error {
+	freezerDir := filepath.Join(filepath.Dir(c.instance["freezer"]), filepath.Base(dir))
+	return freezeKillThaw(v1Freezer(freezerDir), func() []string { return cgroupTree(freezerDir) }, 0)
 }
 
-func (c *cgroupV1) close() error {
-	return c.removeDirs(c.hierarchyDirs(c.instance))
+func (c *cgroupV1) close() error { return removeDirs(distinctDirs(c.instance)) }
+
+// slotCgroupV1 is one slot's cgroups.
+type slotCgroupV1 struct {
+	dirs     map[string]string // controller → the slot's dir
+	distinct []string
+	// written caches what each limit file holds, so an unchanged limit
+	// costs no write.
+	written map[string]string
+	// cpuBase and oomBase are the cumulative counters at the start of the
+	// current execution.
+	cpuBase, oomBase uint64
 }
 
-func (c *cgroupV1) create(name string, limits resolvedLimits) (execCgroup, error) {
-	e := &execCgroupV1{dirs: map[string]string{}, limits: limits, sh: c.sh, env: c.env}
-	for ctrl, d := range c.instance {
-		e.dirs[ctrl] = filepath.Join(d, name)
-	}
-	var made []string
-	for _, dir := range c.hierarchyDirs(e.dirs) {
-		if err := os.Mkdir(dir, 0o755); err != nil {
-			return nil, errors.Join(fmt.Errorf("cgroup: %w", err), c.removeDirs(made))
+// attach makes each slot's cgroups, then moves the slots' threads in, one
+// right after the other.
+func (c *cgroupV1) attach(slots []*slot) error {
+	var errs []error
+	for _, s := range slots {
+		cg := &slotCgroupV1{dirs: map[string]string{}, written: map[string]string{}}
+		for ctrl, d := range c.instance {
+			cg.dirs[ctrl] = filepath.Join(d, "s"+strconv.Itoa(s.id))
 		}
-		made = append(made, dir)
+		cg.distinct = distinctDirs(cg.dirs)
+		var made []string
+		var err error
+		for _, d := range cg.distinct {
+			if err = os.Mkdir(d, 0o755); err != nil {
+				break
+			}
+			made = append(made, d)
+		}
+		if err == nil {
+			err = writeCgroupFile(cg.dirs["cpu"], "cpu.cfs_period_us", strconv.Itoa(cpuPeriodMicros))
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("slot %d cgroups: %w", s.id, errors.Join(err, removeDirs(made))))
+			continue
+		}
+		s.v1 = cg
 	}
-	if err := e.writeLimits(); err != nil {
-		return nil, errors.Join(fmt.Errorf("cgroup limits: %w", err), c.removeDirs(made))
+	for _, s := range slots {
+		if s.v1 == nil {
+			continue
+		}
+		for _, d := range s.v1.distinct {
+			if err := writeCgroupFile(d, "tasks", strconv.Itoa(s.tid)); err != nil {
+				errs = append(errs, fmt.Errorf("slot %d: moving its thread in: %w", s.id, err))
+				break
+			}
+		}
+		if err := c.readBase(s.v1); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	e.distinct = made
-	return e, nil
+	return errors.Join(errs...)
+}
+
+// readBase notes the cumulative counters before the next execution.
+func (c *cgroupV1) readBase(cg *slotCgroupV1) error {
+	m, err := readFlatKeyed(cg.dirs["memory"], "memory.oom_control")
+	if err != nil {
+		return err
+	}
+	cg.oomBase = m["oom_kill"]
+	if d, ok := cg.dirs["cpuacct"]; ok {
+		if cg.cpuBase, err = readUint(d, "cpuacct.usage"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// detach removes a slot's cgroups; its thread is ending, and the kernel
+// takes a moment to let go of it.
+func (c *cgroupV1) detach(s *slot) error {
+	return removeDirs(s.v1.distinct)
+}
+
+// acquire writes the execution's limits into the slot's cgroups; the
+// slot's thread counts as one task of the pids limit.
+func (c *cgroupV1) acquire(s *slot, l resolvedLimits) (execCgroup, error) {
+	if err := s.v1.write(v1LimitFiles(l, 1)); err != nil {
+		return nil, err
+	}
+	return &execCgroupV1{c: c, cg: s.v1, limits: l}, nil
+}
+
+// write writes files that differ from what they hold.
+func (cg *slotCgroupV1) write(files []cgroupFile) error {
+	for _, f := range files {
+		key := f.ctrl + "/" + f.name
+		if v, ok := cg.written[key]; ok && v == f.value {
+			continue
+		}
+		if err := writeCgroupFile(cg.dirs[f.ctrl], f.name, f.value); err != nil {
+			if optionalCgroupFile(f.name) && errors.Is(err, os.ErrNotExist) {
+				cg.written[key] = f.value
+				continue
+			}
+			delete(cg.written, key)
+			return err
+		}
+		cg.written[key] = f.value
+	}
+	return nil
 }
 
 type execCgroupV1 struct {
-	dirs     map[string]string // controller → this execution's dir
-	distinct []string
-	limits   resolvedLimits
-	sh, env  string
+	c      *cgroupV1
+	cg     *slotCgroupV1
+	limits resolvedLimits
 }
 
-func (e *execCgroupV1) writeLimits() error {
-	if m := e.limits.memory; m != nil {
-		v := strconv.FormatInt(*m, 10)
-		if err := writeCgroupFile(e.dirs["memory"], "memory.limit_in_bytes", v); err != nil {
-			return err
-		}
-		// memory+swap at the same value: no swapping past the limit. The
-		// file is missing when the kernel does not account swap.
-		if _, err := os.Stat(filepath.Join(e.dirs["memory"], "memory.memsw.limit_in_bytes")); err == nil {
-			if err := writeCgroupFile(e.dirs["memory"], "memory.memsw.limit_in_bytes", v); err != nil {
-				return err
-			}
-		}
-	}
-	if e.limits.cpuMillicores != nil {
-		if err := writeCgroupFile(e.dirs["cpu"], "cpu.cfs_period_us", strconv.Itoa(cpuPeriodMicros)); err != nil {
-			return err
-		}
-		if err := writeCgroupFile(e.dirs["cpu"], "cpu.cfs_quota_us", strconv.FormatInt(e.limits.cpuQuotaMicros(), 10)); err != nil {
-			return err
-		}
-	}
-	if e.limits.pids <= 0 {
-		return nil
-	}
-	return writeCgroupFile(e.dirs["pids"], "pids.max", strconv.FormatInt(e.limits.pids, 10))
-}
+func (e *execCgroupV1) fd() int { return -1 }
 
-// v1Trampoline is the shell script a v1 execution starts as: it waits
-// until the agent has moved it into its cgroups and says so on fd 3, then
-// becomes env(1), which becomes the function with exactly its environment
-// (a shell adds variables of its own, such as PWD). v1 has no
-// CLONE_INTO_CGROUP, and moving the forking thread in instead would expose
-// the agent to the execution's OOM killer while the child execs.
-const v1Trampoline = `read -r _ <&3 || exit 125; exec 3<&-; exec "$0" -i -- "$@"`
-
-// v1Tools finds the shell and env(1) the trampoline needs.
-func v1Tools() (sh, env string, err error) {
-	sh = "/bin/sh"
-	if _, err := os.Stat(sh); err != nil {
-		return "", "", fmt.Errorf("start trampoline: %w", err)
-	}
-	for _, env := range []string{"/usr/bin/env", "/bin/env"} {
-		if _, err := os.Stat(env); err == nil {
-			return sh, env, nil
-		}
-	}
-	return "", "", fmt.Errorf("start trampoline: env(1): %w", os.ErrNotExist)
-}
-
-// prepare turns cmd into the gated trampoline; started moves the waiting
-// process into every hierarchy, then opens the gate.
-func (e *execCgroupV1) prepare(cmd *exec.Cmd) (func(int) error, func(), error) {
-	if strings.Contains(cmd.Path, "=") {
-		// env(1) would take it for a variable and run the first argument.
-		return nil, nil, fmt.Errorf("%w: handler path %q contains '=' (cgroup v1 starts it through env(1))", ErrInvalidSpec, cmd.Path)
-	}
-	gateR, gateW, err := os.Pipe()
-	if err != nil {
-		return nil, nil, fmt.Errorf("start gate: %w", err)
-	}
-	args := append([]string{e.sh, "-c", v1Trampoline, e.env}, cmd.Env...)
-	args = append(args, cmd.Path)
-	cmd.Args = append(args, cmd.Args[1:]...)
-	cmd.Path = e.sh
-	cmd.Env = []string{}
-	cmd.ExtraFiles = []*os.File{gateR}
-	started := func(pid int) error {
-		_ = gateR.Close()
-		for _, d := range e.distinct {
-			if err := writeCgroupFile(d, "cgroup.procs", strconv.Itoa(pid)); err != nil {
-				return fmt.Errorf("joining the execution's cgroup: %w", err)
-			}
-		}
-		if _, err := gateW.Write([]byte("go\n")); err != nil {
-			return fmt.Errorf("start gate: %w", err)
-		}
-		return nil
-	}
-	cleanup := func() {
-		_ = gateR.Close()
-		_ = gateW.Close()
-	}
-	return started, cleanup, nil
+func (e *execCgroupV1) join(int) error {
+	return errors.New("cgroup v1 places processes through the slot's thread")
 }
 
 func (e *execCgroupV1) signalAll(sig syscall.Signal) error {
-	return signalProcs(e.dirs["freezer"], sig)
+	return signalProcs(e.cg.dirs["freezer"], sig, e.c.self)
 }
 
 func (e *execCgroupV1) kill() error {
 	// The usual end of an execution: nothing is left. Only a member can
 	// fork into a cgroup, so an empty one stays empty and needs no freeze.
-	if pids, err := readProcs(e.dirs["freezer"]); err == nil && len(pids) == 0 {
+	dir := e.cg.dirs["freezer"]
+	if pids, err := readProcsExcept(dir, e.c.self); err == nil && len(pids) == 0 {
 		return nil
 	}
-	return killFrozenV1(e.dirs["freezer"], false)
+	return freezeKillThaw(v1Freezer(dir), func() []string { return []string{dir} }, e.c.self)
 }
 
-// killFrozenV1 freezes a v1 freezer cgroup (with its descendants), kills
-// every process in it, and thaws it so the kills take effect.
-func killFrozenV1(dir string, descendants bool) error {
-	if err := writeCgroupFile(dir, "freezer.state", "FROZEN"); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return err
+// v1Freezer freezes a v1 freezer cgroup with its descendants. The slot's
+// thread is frozen with the functions: it is idle while they run.
+func v1Freezer(dir string) freezer {
+	return freezer{
+		freeze: func() error { return writeCgroupFile(dir, "freezer.state", "FROZEN") },
+		thaw:   func() error { return writeCgroupFile(dir, "freezer.state", "THAWED") },
+		frozen: func() (bool, error) {
+			b, err := readCgroupFile(dir, "freezer.state")
+			return strings.TrimSpace(string(b)) == "FROZEN", err
+		},
 	}
-	// A task in uninterruptible sleep can hold FREEZING; kill anyway then.
-	frozenErr := poll(time.Second, func() (bool, error) {
-		b, err := readCgroupFile(dir, "freezer.state")
-		return strings.TrimSpace(string(b)) == "FROZEN", err
-	})
-	dirs := []string{dir}
-	if descendants {
-		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() && p != dir {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-	}
-	var errs []error
-	for _, d := range dirs {
-		errs = append(errs, signalProcs(d, unix.SIGKILL))
-	}
-	errs = append(errs, writeCgroupFile(dir, "freezer.state", "THAWED"))
-	if frozenErr != nil && errors.Join(errs...) == nil {
-		return nil // killed all the same
-	}
-	return errors.Join(errs...)
 }
 
 func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
 	return poll(timeout, func() (bool, error) {
-		pids, err := readProcs(e.dirs["freezer"])
+		pids, err := readProcsExcept(e.cg.dirs["freezer"], e.c.self)
 		return len(pids) == 0, err
 	})
 }
 
 func (e *execCgroupV1) measure(res *Result) {
-	if v, err := readUint(e.dirs["memory"], "memory.max_usage_in_bytes"); err == nil {
+	if v, err := readUint(e.cg.dirs["memory"], "memory.max_usage_in_bytes"); err == nil {
 		res.PeakMemoryBytes = v
 	}
-	if m, err := readFlatKeyed(e.dirs["memory"], "memory.oom_control"); err == nil {
-		res.OOMKilled = m["oom_kill"] > 0
+	if m, err := readFlatKeyed(e.cg.dirs["memory"], "memory.oom_control"); err == nil {
+		res.OOMKilled = m["oom_kill"] > e.cg.oomBase
 	}
-	if d, ok := e.dirs["cpuacct"]; ok {
-		if v, err := readUint(d, "cpuacct.usage"); err == nil {
-			res.CPUTime = time.Duration(v)
+	if d, ok := e.cg.dirs["cpuacct"]; ok {
+		if v, err := readUint(d, "cpuacct.usage"); err == nil && v >= e.cg.cpuBase {
+			res.CPUTime = time.Duration(v - e.cg.cpuBase)
 		}
 	}
 }
 
-func (e *execCgroupV1) remove() error {
-	var errs []error
-	for _, d := range e.distinct {
-		errs = append(errs, rmdirCgroup(d, emptyTimeout))
+// release readies the slot's cgroups for its next execution: limits off,
+// the page cache the function left charged there reclaimed, the peak
+// restarted and the counters noted.
+func (e *execCgroupV1) release(gone bool) error {
+	if !gone {
+		return errors.New("the execution's processes were not proven gone")
 	}
-	return errors.Join(errs...)
+	if err := e.cg.write(v1ResetFiles()); err != nil {
+		return err
+	}
+	// The peak restarts at every reset, whatever the cache said.
+	delete(e.cg.written, "memory/memory.max_usage_in_bytes")
+	if used, err := readUint(e.cg.dirs["memory"], "memory.usage_in_bytes"); err == nil && used > forceEmptyAbove {
+		if err := writeCgroupFile(e.cg.dirs["memory"], "memory.force_empty", "0"); err != nil {
+			return err
+		}
+		if err := writeCgroupFile(e.cg.dirs["memory"], "memory.max_usage_in_bytes", "0"); err != nil {
+			return err
+		}
+	}
+	return e.c.readBase(e.cg)
 }

@@ -1,11 +1,12 @@
 package sandbox
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -32,6 +33,9 @@ type cgroupV2 struct {
 	instance string
 	// samplePeak is set on kernels before 5.19, which have no memory.peak.
 	samplePeak bool
+
+	mu    sync.Mutex
+	ready []string // empty execution cgroups made ahead
 }
 
 func openCgroupV2(layout cgroupLayout, root, instance string, log *slog.Logger) (*cgroupV2, error) {
@@ -122,69 +126,114 @@ func enableControllers(dir string) error {
 
 func (c *cgroupV2) version() string { return "v2" }
 
-func (c *cgroupV2) close() error { return rmdirCgroup(c.instance, emptyTimeout) }
+func (c *cgroupV2) close() error {
+	c.mu.Lock()
+	ready := c.ready
+	c.ready = nil
+	c.mu.Unlock()
+	var errs []error
+	for _, d := range ready {
+		errs = append(errs, rmdirCgroup(d, emptyTimeout))
+	}
+	return errors.Join(append(errs, rmdirCgroup(c.instance, emptyTimeout))...)
+}
 
-func (c *cgroupV2) create(name string, limits resolvedLimits) (execCgroup, error) {
-	e := &execCgroupV2{dir: filepath.Join(c.instance, name), limits: limits}
-	if err := os.Mkdir(e.dir, 0o755); err != nil {
-		return nil, fmt.Errorf("cgroup: %w", err)
+// Slots need nothing of the hierarchy on v2: functions are born straight
+// into a cgroup of their own (CLONE_INTO_CGROUP).
+func (c *cgroupV2) attach([]*slot) error { return nil }
+func (c *cgroupV2) detach(*slot) error   { return nil }
+
+// v2ReadyCgroups is how many empty cgroups are kept made ahead.
+const v2ReadyCgroups = 4
+
+// acquire takes an empty cgroup (made ahead, or now) and writes the
+// execution's limits into it. Its name is random: nothing about the
+// execution shows in the cgroup tree.
+func (c *cgroupV2) acquire(_ *slot, l resolvedLimits) (execCgroup, error) {
+	c.mu.Lock()
+	var dir string
+	if n := len(c.ready); n > 0 {
+		dir, c.ready = c.ready[n-1], c.ready[:n-1]
 	}
-	if err := e.writeLimits(); err != nil {
-		return nil, errors.Join(fmt.Errorf("cgroup limits: %w", err), rmdirCgroup(e.dir, emptyTimeout))
+	c.mu.Unlock()
+	if dir == "" {
+		var err error
+		if dir, err = c.mkdir(); err != nil {
+			return nil, err
+		}
 	}
+	e := &execCgroupV2{c: c, dir: dir, limits: l, cgfd: -1}
+	for _, f := range v2LimitFiles(l) {
+		if err := writeCgroupFile(dir, f.name, f.value); err != nil {
+			if optionalCgroupFile(f.name) && errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return nil, errors.Join(err, e.remove())
+		}
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, errors.Join(&os.PathError{Op: "open", Path: dir, Err: err}, e.remove())
+	}
+	e.cgfd = fd
 	if c.samplePeak {
-		e.sampler = startPeakSampler(e.dir)
+		e.sampler = startPeakSampler(dir)
 	}
 	return e, nil
 }
 
+// mkdir makes an empty execution cgroup with a random name.
+func (c *cgroupV2) mkdir() (string, error) {
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	dir := filepath.Join(c.instance, hex.EncodeToString(b[:]))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", fmt.Errorf("cgroup: %w", err)
+	}
+	return dir, nil
+}
+
+// refill makes empty cgroups until v2ReadyCgroups wait; it runs after an
+// execution, off its start path.
+func (c *cgroupV2) refill() {
+	for {
+		c.mu.Lock()
+		enough := len(c.ready) >= v2ReadyCgroups
+		c.mu.Unlock()
+		if enough {
+			return
+		}
+		dir, err := c.mkdir()
+		if err != nil {
+			c.log.Warn("making a cgroup ahead", "err", err)
+			return
+		}
+		c.mu.Lock()
+		c.ready = append(c.ready, dir)
+		c.mu.Unlock()
+	}
+}
+
 type execCgroupV2 struct {
+	c       *cgroupV2
 	dir     string
+	cgfd    int
 	limits  resolvedLimits
 	sampler *peakSampler // nil when the kernel keeps memory.peak
 }
 
-func (e *execCgroupV2) writeLimits() error {
-	if m := e.limits.memory; m != nil {
-		if err := writeCgroupFile(e.dir, "memory.max", strconv.FormatInt(*m, 10)); err != nil {
-			return err
-		}
-		// The file is missing when the kernel does not account swap.
-		if _, err := os.Stat(filepath.Join(e.dir, "memory.swap.max")); err == nil {
-			if err := writeCgroupFile(e.dir, "memory.swap.max", "0"); err != nil {
-				return err
-			}
-		}
+func (e *execCgroupV2) fd() int { return e.cgfd }
+
+func (e *execCgroupV2) join(pid int) error {
+	if err := writeCgroupFile(e.dir, "cgroup.procs", strconv.Itoa(pid)); err != nil {
+		return fmt.Errorf("joining the execution's cgroup: %w", err)
 	}
-	// An OOM kill takes the whole execution, not one process of it.
-	if err := writeCgroupFile(e.dir, "memory.oom.group", "1"); err != nil {
-		return err
-	}
-	if e.limits.cpuMillicores != nil {
-		v := strconv.FormatInt(e.limits.cpuQuotaMicros(), 10) + " " + strconv.Itoa(cpuPeriodMicros)
-		if err := writeCgroupFile(e.dir, "cpu.max", v); err != nil {
-			return err
-		}
-	}
-	if e.limits.pids <= 0 {
-		return nil
-	}
-	return writeCgroupFile(e.dir, "pids.max", strconv.FormatInt(e.limits.pids, 10))
+	return nil
 }
 
-// prepare makes the fork clone3 straight into the cgroup
-// (CLONE_INTO_CGROUP).
-func (e *execCgroupV2) prepare(cmd *exec.Cmd) (func(int) error, func(), error) {
-	fd, err := unix.Open(e.dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, &os.PathError{Op: "open", Path: e.dir, Err: err}
-	}
-	cmd.SysProcAttr.UseCgroupFD = true
-	cmd.SysProcAttr.CgroupFD = fd
-	return nil, func() { _ = unix.Close(fd) }, nil
-}
-
-func (e *execCgroupV2) signalAll(sig syscall.Signal) error { return signalProcs(e.dir, sig) }
+func (e *execCgroupV2) signalAll(sig syscall.Signal) error { return signalProcs(e.dir, sig, 0) }
 
 func (e *execCgroupV2) kill() error { return killTreeV2(e.dir) }
 
@@ -198,35 +247,19 @@ func killTreeV2(dir string) error {
 	if _, serr := os.Stat(dir); serr != nil {
 		return nil // the cgroup itself is gone
 	}
-	return freezeKillV2(dir)
+	return freezeKillThaw(v2Freezer(dir), func() []string { return cgroupTree(dir) }, 0)
 }
 
-// freezeKillV2 is the kill for kernels without cgroup.kill: frozen, no
-// process can fork while each is killed.
-func freezeKillV2(dir string) error {
-	if err := writeCgroupFile(dir, "cgroup.freeze", "1"); err != nil {
-		return err
+// v2Freezer freezes a v2 cgroup with its descendants.
+func v2Freezer(dir string) freezer {
+	return freezer{
+		freeze: func() error { return writeCgroupFile(dir, "cgroup.freeze", "1") },
+		thaw:   func() error { return writeCgroupFile(dir, "cgroup.freeze", "0") },
+		frozen: func() (bool, error) {
+			ev, err := readFlatKeyed(dir, "cgroup.events")
+			return ev["frozen"] == 1, err
+		},
 	}
-	frozenErr := poll(time.Second, func() (bool, error) {
-		ev, err := readFlatKeyed(dir, "cgroup.events")
-		return ev["frozen"] == 1, err
-	})
-	var errs []error
-	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			errs = append(errs, signalProcs(p, unix.SIGKILL))
-		}
-		return nil
-	})
-	// SIGKILL gets through the v2 freezer, so the cgroup may already be
-	// empty and removed by now.
-	if err := writeCgroupFile(dir, "cgroup.freeze", "0"); !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return errors.Join(err, frozenErr)
-	}
-	return nil
 }
 
 func (e *execCgroupV2) waitEmpty(timeout time.Duration) error {
@@ -250,9 +283,22 @@ func (e *execCgroupV2) measure(res *Result) {
 	}
 }
 
+// release removes the execution's cgroup and makes the next one ahead.
+func (e *execCgroupV2) release(gone bool) error {
+	err := e.remove()
+	if gone {
+		e.c.refill()
+	}
+	return err
+}
+
 func (e *execCgroupV2) remove() error {
 	if e.sampler != nil {
 		e.sampler.close()
+	}
+	if e.cgfd >= 0 {
+		_ = unix.Close(e.cgfd)
+		e.cgfd = -1
 	}
 	return rmdirCgroup(e.dir, emptyTimeout)
 }

@@ -19,17 +19,69 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(testChildEnv); mode != "" {
 		os.Exit(runTestChild(mode, os.Args[1:]))
 	}
-	goleak.VerifyTestMain(m)
+	// Executions see a /tmp of their own: the scripts tests write must live
+	// elsewhere. Every temp dir of the tests goes under one dir, removed at
+	// the end.
+	dir, err := testTempRoot()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("TMPDIR", dir)
+	if testBinary, err = copyTestBinary(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "leaked goroutines:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// testTempRoot is where tests keep their files: outside /tmp, which
+// executions see as their own, when the tests run as root (and so with
+// mount namespaces).
+func testTempRoot() (string, error) {
+	parent := os.TempDir()
+	if os.Geteuid() == 0 {
+		parent = "/var/lib/flux-agent-tests"
+		if err := os.MkdirAll(parent, 0o755); err != nil {
+			return "", err
+		}
+	}
+	dir, err := os.MkdirTemp(parent, "sandbox-")
+	if err != nil {
+		return "", err
+	}
+	return dir, os.Chmod(dir, 0o755)
+}
+
+// testBinary is a copy of this test binary that executions can see (the
+// original is under /tmp).
+var testBinary string
+
+func copyTestBinary(dir string) (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	data, err := os.ReadFile(exe)
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "sandbox.test")
+	return bin, os.WriteFile(bin, data, 0o755)
 }
 
 // testChild is a spec that runs this test binary as the child in mode.
 func testChild(t *testing.T, mode string, args ...string) Spec {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return Spec{ID: t.Name(), Path: exe, Args: args, Dir: filepath.Dir(exe), Env: []string{testChildEnv + "=" + mode}}
+	return Spec{ID: t.Name(), Path: testBinary, Args: args, Dir: filepath.Dir(testBinary), Env: []string{testChildEnv + "=" + mode}}
 }
 
 func ptr(v int64) *int64 { return &v }

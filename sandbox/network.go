@@ -64,6 +64,17 @@ func ParseNetworkMode(s string) (NetworkMode, error) {
 	return "", fmt.Errorf("%w: network mode %q: want %q, %q or %q", ErrInvalidNetworkPolicy, s, NetworkFiltered, NetworkNone, NetworkHost)
 }
 
+// UnmarshalText implements encoding.TextUnmarshaler with
+// ParseNetworkMode (any case, spaces trimmed).
+func (m *NetworkMode) UnmarshalText(text []byte) error {
+	v, err := ParseNetworkMode(strings.ToLower(strings.TrimSpace(string(text))))
+	if err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
 // NetworkPolicy is what functions may reach in filtered mode.
 type NetworkPolicy struct {
 	Mode NetworkMode
@@ -146,6 +157,20 @@ func ParseNetworkException(s string) (NetworkException, error) {
 	}
 	return e, nil
 }
+
+// UnmarshalText implements encoding.TextUnmarshaler with
+// ParseNetworkException, so configuration files hold exceptions as text.
+func (e *NetworkException) UnmarshalText(text []byte) error {
+	v, err := ParseNetworkException(strings.TrimSpace(string(text)))
+	if err != nil {
+		return err
+	}
+	*e = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (e NetworkException) MarshalText() ([]byte, error) { return []byte(e.String()), nil }
 
 // String writes e the way ParseNetworkException reads it.
 func (e NetworkException) String() string {

@@ -1,97 +1,234 @@
 package sandbox
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
-	"os/exec"
 	"os/user"
-	"runtime"
+	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
+	"sync"
 	"time"
 
 	"github.com/prometheus/procfs"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sys/unix"
 )
 
-// scratchEnvKeys name the scratch dir in the function's environment.
+// scratchEnvKeys name the execution's temporary dir in its environment.
 var scratchEnvKeys = []string{"TMPDIR"}
 
 func envKeyEqual(a, b string) bool { return a == b }
 
-// runner is the unprivileged user functions run as.
+// privateTmp is TMPDIR (and HOME, unless set) of an execution with its own
+// mount namespace: its private tmpfs.
+const privateTmp = "/tmp"
+
+// runner is the unprivileged user whose group functions run with.
 type runner struct {
 	name     string
 	uid, gid uint32
 }
 
-// host is the Linux containment: a process group always, a cgroup
-// hierarchy and a runner user when the host allows them.
+// host is the Linux containment: slots of prepared isolation, a cgroup
+// hierarchy and a network policy when the host allows them.
 type host struct {
-	cgroups cgroupDriver // nil: no writable cgroup
-	runner  *runner      // nil: run as the agent itself
-	uids    *uidPool     // nil: every execution runs as runner.uid
-	pids    int64
-	proc    procfs.FS
+	cfg      Config
+	log      *slog.Logger
+	instance string // names this Sandbox's cgroups
+	iso      Isolation
+	proc     procfs.FS
+	self     int // the agent's pid, which v1 cgroup.procs lists beside functions
+
+	cgroups    cgroupDriver // nil: no writable cgroup
+	runner     *runner      // nil: run as the agent itself
+	namespaces bool         // each slot gets its own mount namespace
+	pool       *slotPool
+	filter     *networkFilter // nil unless the network mode is filtered
+	devNull    *os.File
+	scratchDir string // this instance's dir of TMPDIRs when there are no namespaces
+
+	// byUID finds the execution a blocked connection came from.
+	mu    sync.Mutex
+	byUID map[uint32]*box
 }
 
-func newHost(cfg Config, instance string) (*host, Isolation, error) {
+func newHost(cfg Config) (h *host, err error) {
 	proc, err := procfs.NewFS("/proc")
 	if err != nil {
-		return nil, Isolation{}, fmt.Errorf("procfs: %w", err)
+		return nil, fmt.Errorf("procfs: %w", err)
 	}
 	if err := closeInheritedFDs(); err != nil {
-		return nil, Isolation{}, err
+		return nil, err
 	}
-	h := &host{pids: cfg.PidsLimit, proc: proc}
-	iso := Isolation{Cgroup: "none", UID: os.Geteuid()}
+	identity, err := processIdentityOf(proc, os.Getpid())
+	if err != nil {
+		return nil, err
+	}
+	h = &host{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		instance: identity + "-" + strconv.FormatUint(sandboxCount.Add(1), 10),
+		proc:     proc,
+		self:     os.Getpid(),
+		byUID:    map[uint32]*box{},
+	}
+	defer func() {
+		if err != nil {
+			_ = h.close()
+		}
+	}()
+	if h.devNull, err = os.Open(os.DevNull); err != nil {
+		return nil, err
+	}
+	h.iso = Isolation{Cgroup: "none", UID: os.Geteuid(), Network: NetworkHost}
 	if u, err := user.Current(); err == nil {
-		iso.User = u.Username
+		h.iso.User = u.Username
 	}
 	root := os.Geteuid() == 0
+	degrade := func(format string, args ...any) {
+		h.iso.Degraded = append(h.iso.Degraded, fmt.Sprintf(format, args...))
+	}
 
 	switch {
 	case cfg.User == "":
-		iso.Degraded = append(iso.Degraded, "no user configured: functions run as the agent's own user")
+		degrade("no user configured: functions run as the agent's own user")
 	case !root:
-		iso.Degraded = append(iso.Degraded, fmt.Sprintf("agent is not root: cannot run functions as %q, they run as the agent's own user", cfg.User))
+		degrade("agent is not root: cannot run functions as %q, they run as the agent's own user", cfg.User)
 	default:
 		r, err := lookupRunner(cfg.User)
 		if err != nil {
-			iso.Degraded = append(iso.Degraded, fmt.Sprintf("%v: functions run as the agent's own user", err))
+			degrade("%v: functions run as the agent's own user", err)
 			break
 		}
 		h.runner = r
-		iso.User, iso.UID = r.name, int(r.uid)
+		h.iso.User, h.iso.UID = r.name, int(r.uid)
 	}
+	uids, err := h.uidRange()
+	if err != nil {
+		return nil, err
+	}
+	h.iso.UIDRange = uids
 
-	drv, reason := openCgroups(cfg, instance, proc, cfg.Logger)
-	if drv == nil {
-		iso.Degraded = append(iso.Degraded, reason+": no memory, cpu or pids limits, and a kill reaches only the process group")
+	if root {
+		h.namespaces = true
+		h.iso.Namespaces = true
 	} else {
-		h.cgroups = drv
-		iso.Cgroup = drv.version()
+		degrade("agent is not root: functions share the node's /tmp, /dev/shm and /proc view")
 	}
-	if cfg.UIDs.Count > 0 {
-		// A uid goes back to the pool only when a cgroup proved its
-		// processes gone; without a runner or cgroups there is no such
-		// proof (or no setuid at all).
-		switch {
-		case h.runner == nil || h.cgroups == nil:
-			iso.Degraded = append(iso.Degraded, "per-execution uids need root, the runner user and cgroups: executions share one uid")
-		default:
-			pool, err := newUIDPool(cfg.UIDs)
-			if err != nil {
-				return nil, Isolation{}, err
-			}
-			h.uids = pool
-			iso.UIDRange = cfg.UIDs
+	removeStaleScratch(cfg.ScratchDir, h.log)
+	if !h.namespaces {
+		h.scratchDir = filepath.Join(cfg.ScratchDir, scratchPrefix+h.instance)
+		if err := os.Mkdir(h.scratchDir, 0o755); err != nil {
+			return nil, fmt.Errorf("scratch dir: %w", err)
 		}
 	}
-	return h, iso, nil
+
+	drv, reason := openCgroups(cfg, h.instance, proc, h.self, h.log)
+	if drv == nil {
+		degrade("%s: no memory, cpu or pids limits, and a kill reaches only the process group", reason)
+	} else {
+		h.cgroups = drv
+		h.iso.Cgroup = drv.version()
+	}
+
+	if err := h.openNetwork(); err != nil {
+		return nil, err
+	}
+	h.pool = newSlotPool(h, uids)
+	if err := h.pool.start(); err != nil {
+		return nil, err
+	}
+	return h, nil
 }
+
+// uidRange is the range executions take their uids from: none without a
+// runner (or with SharedUID), the configured one, or the runner's range in
+// /etc/subuid.
+func (h *host) uidRange() (UIDRange, error) {
+	switch {
+	case h.runner == nil:
+		return UIDRange{}, nil
+	case h.cfg.SharedUID:
+		h.iso.Degraded = append(h.iso.Degraded, "uid_range is shared: concurrent functions run as one uid and can see and signal each other")
+		return UIDRange{}, nil
+	case h.cfg.UIDs.Count > 0:
+		if h.cfg.UIDs.Contains(h.runner.uid) || h.cfg.UIDs.Contains(0) {
+			return UIDRange{}, fmt.Errorf("uid range %s holds root or the runner's own uid", h.cfg.UIDs)
+		}
+		return h.cfg.UIDs, nil
+	}
+	f, err := os.Open("/etc/subuid")
+	if err != nil {
+		return UIDRange{}, fmt.Errorf("uid range: %w; reserve one for %s (as the .deb does: usermod --add-subuids %s --add-subgids %s %s) or set sandbox.uid_range",
+			err, h.runner.name, DefaultUIDRange, DefaultUIDRange, h.runner.name)
+	}
+	defer f.Close()
+	r, err := parseSubordinateRange(f, h.runner.name, h.runner.uid)
+	if err != nil {
+		return UIDRange{}, fmt.Errorf("uid range: /etc/subuid: %w; reserve one (as the .deb does: usermod --add-subuids %s --add-subgids %s %s) or set sandbox.uid_range",
+			err, DefaultUIDRange, DefaultUIDRange, h.runner.name)
+	}
+	return r, nil
+}
+
+// DefaultUIDRange is the range the .deb reserves for the runner's
+// executions in /etc/subuid and /etc/subgid: 65536 uids from 0x70000000,
+// a block systemd's uid table leaves unused (above the container ranges,
+// below 2^31, which some programs misread as negative) and far above the
+// ranges useradd hands out.
+var DefaultUIDRange = UIDRange{First: 1879048192, Count: 65536}
+
+// openNetwork installs the network policy, or says why it cannot be.
+func (h *host) openNetwork() error {
+	mode := h.cfg.Network.Mode
+	switch mode {
+	case NetworkHost:
+		h.iso.Network = NetworkHost
+		h.iso.Degraded = append(h.iso.Degraded, "network is host: functions reach every address the node reaches, the agent's ports and Redis included")
+		return nil
+	case NetworkNone:
+		if !h.namespaces {
+			return errors.New("network none needs root (a network namespace per slot); run as root or set sandbox.network: host")
+		}
+		h.iso.Network = NetworkNone
+		return nil
+	}
+	if h.iso.UIDRange.Count == 0 {
+		return errors.New("network filtered matches the functions' uids, which needs root, a runner user and a uid range (not shared); fix those or set sandbox.network: host")
+	}
+	f, err := openNetworkFilter(context.Background(), networkFilterOptions{
+		Table:     networkTableName(h.cfg.Name),
+		UIDs:      h.iso.UIDRange,
+		Policy:    h.cfg.Network,
+		Logger:    h.log,
+		OnBlocked: h.blocked,
+	})
+	if err != nil {
+		return fmt.Errorf("network filtered: %w (or set sandbox.network: host, which leaves the node open to functions)", err)
+	}
+	h.filter = f
+	h.iso.Network = NetworkFiltered
+	return nil
+}
+
+// blocked records a refused connection with the execution whose uid made
+// it.
+func (h *host) blocked(c BlockedConnection) {
+	h.mu.Lock()
+	b := h.byUID[c.UID]
+	h.mu.Unlock()
+	if b != nil {
+		b.noteBlocked(c)
+	}
+}
+
+func (h *host) isolation() Isolation { return h.iso }
 
 // closeInheritedFDs marks every descriptor above stderr close-on-exec. Go
 // does so for what it opens itself, not for what the agent inherited (a
@@ -132,181 +269,194 @@ func lookupRunner(name string) (*runner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("user %q: gid %q: %w", name, u.Gid, err)
 	}
-	if uid == 0 {
-		return nil, fmt.Errorf("user %q has uid 0", name)
+	if uid == 0 || gid == 0 {
+		return nil, fmt.Errorf("user %q has uid or gid 0", name)
 	}
 	return &runner{name: u.Username, uid: uint32(uid), gid: uint32(gid)}, nil
 }
 
 func (h *host) close() error {
-	if h.cgroups == nil {
-		return nil
+	var errs []error
+	if h.pool != nil {
+		errs = append(errs, h.pool.close())
 	}
-	return h.cgroups.close()
-}
-
-// acquireUID picks the uid an execution runs as: its own from the range,
-// or the runner's.
-func (h *host) acquireUID() (uint32, error) {
-	switch {
-	case h.runner == nil:
-		return 0, nil
-	case h.uids == nil:
-		return h.runner.uid, nil
+	if h.cgroups != nil {
+		errs = append(errs, h.cgroups.close())
 	}
-	return h.uids.acquire()
-}
-
-// releaseUID returns a uid once no process of its execution is left.
-func (h *host) releaseUID(uid uint32) {
-	if h.uids != nil {
-		h.uids.release(uid)
+	if h.filter != nil {
+		errs = append(errs, h.filter.Close())
 	}
-}
-
-func (h *host) ownScratch(dir string, uid uint32) error {
-	if h.runner == nil {
-		return nil
+	if h.scratchDir != "" {
+		errs = append(errs, removeScratch(h.scratchDir))
 	}
-	if err := os.Chown(dir, int(uid), int(h.runner.gid)); err != nil {
-		return fmt.Errorf("chown to %s: %w", h.runner.name, err)
+	if h.devNull != nil {
+		errs = append(errs, h.devNull.Close())
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // box is one execution's containment.
 type box struct {
-	pid    int // also the process group id
-	cgroup execCgroup
-	proc   procfs.FS
-	uid    uint32
-	uids   *uidPool // gets uid back once the tree is confirmed gone
-	empty  bool     // waitEmpty confirmed it
+	h       *host
+	slot    *slot
+	cgroup  execCgroup // nil without cgroups
+	limits  resolvedLimits
+	scratch string // TMPDIR without namespaces
+	proc    *child
+
+	// gone is set by waitGone when it succeeded.
+	gone bool
+
+	mu            sync.Mutex
+	blockedCount  int
+	blockedSample []BlockedConnection
 }
 
-// start starts cmd in its own process group, as the runner, with
-// no_new_privs, inside a new cgroup named name.
-func (h *host) start(cmd *exec.Cmd, name string, limits Limits, uid uint32) (*box, error) {
-	attr := &syscall.SysProcAttr{Setpgid: true}
-	if h.runner != nil {
-		attr.Credential = &syscall.Credential{
-			Uid:    uid,
-			Gid:    h.runner.gid,
-			Groups: []uint32{}, // setgroups(0): no supplementary groups
-		}
+// start takes a slot, gives the execution its cgroup and limits, and forks
+// the function from the slot's thread.
+func (h *host) start(ctx context.Context, spec Spec, output *os.File) (_ *box, err error) {
+	if fi, err := os.Stat(spec.Path); err != nil {
+		return nil, fmt.Errorf("handler: %w", err)
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: handler %s is not a regular file", ErrInvalidSpec, spec.Path)
 	}
-	cmd.SysProcAttr = attr
+	tracer := trace.SpanFromContext(ctx).TracerProvider().Tracer(tracerName)
+	// b is undone on every failure; the named result stays nil until the
+	// end, so the cleanup never sees a nil box.
+	b := &box{h: h, limits: h.resolve(spec.Limits)}
 
-	var cg execCgroup
-	if h.cgroups != nil {
-		l := resolvedLimits{memory: limits.MemoryBytes, cpuMillicores: limits.CPUMillicores, pids: h.pids}
-		if limits.Pids != nil {
-			l.pids = *limits.Pids
-		}
-		var err error
-		if cg, err = h.cgroups.create(name, l); err != nil {
-			return nil, err
-		}
-	}
-	if err := startInside(cmd, cg); err != nil {
-		if cg != nil {
-			err = errors.Join(err, cg.remove())
-		}
+	_, span := tracer.Start(ctx, SpanSlot)
+	s, cold, err := h.pool.take()
+	span.SetAttributes(attribute.Bool("flux.sandbox.slot.cold", cold))
+	endSpan(span, err)
+	if err != nil {
 		return nil, err
 	}
-	return &box{pid: cmd.Process.Pid, cgroup: cg, proc: h.proc, uid: uid, uids: h.uids}, nil
-}
-
-// startInside starts cmd so that it is in cg (when there is one) before
-// the function's first instruction.
-func startInside(cmd *exec.Cmd, cg execCgroup) error {
-	if cg == nil {
-		return startOnDedicatedThread(cmd)
-	}
-	started, cleanup, err := cg.prepare(cmd)
-	if err != nil {
-		return err
-	}
-	defer cleanup()
-	if err := startOnDedicatedThread(cmd); err != nil {
-		return err
-	}
-	if started == nil {
-		return nil
-	}
-	if err := started(cmd.Process.Pid); err != nil {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return err
-	}
-	return nil
-}
-
-// startOnDedicatedThread forks from a thread that exists for this start
-// only: it gets no_new_privs (inherited by the child through exec, and
-// impossible to clear), so it is thrown away afterwards rather than
-// returned to the Go scheduler.
-func startOnDedicatedThread(cmd *exec.Cmd) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		// No UnlockOSThread: when this goroutine returns, the runtime ends
-		// the thread. (A locked thread is also never cloned by the runtime,
-		// so its state cannot spread.)
-		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			errc <- fmt.Errorf("no_new_privs: %w", err)
-			return
+	b.slot = s
+	defer func() {
+		if err != nil {
+			b.release(true)
 		}
-		if err := cmd.Start(); err != nil {
-			errc <- fmt.Errorf("start %s: %w", cmd.Path, err)
-			return
-		}
-		errc <- nil
 	}()
-	return <-errc
+
+	if h.cgroups != nil {
+		_, span := tracer.Start(ctx, SpanLimits)
+		b.cgroup, err = h.cgroups.acquire(s, b.limits)
+		endSpan(span, err)
+		if err != nil {
+			return nil, fmt.Errorf("cgroup: %w", err)
+		}
+	}
+	tmp := privateTmp
+	if !h.namespaces {
+		b.scratch = filepath.Join(h.scratchDir, "x"+strconv.FormatUint(scratchCount.Add(1), 10))
+		if err := os.Mkdir(b.scratch, 0o700); err != nil {
+			return nil, fmt.Errorf("scratch dir: %w", err)
+		}
+		tmp = b.scratch
+	}
+
+	_, span = tracer.Start(ctx, SpanSpawn)
+	b.proc, err = s.spawn(spawnRequest{
+		path:     spec.Path,
+		argv:     append([]string{spec.Path}, spec.Args...),
+		dir:      spec.Dir,
+		env:      executionEnv(spec.Env, tmp),
+		stdin:    h.devNull,
+		output:   output,
+		cgroup:   b.cgroup,
+		hold:     spec.Hold,
+		noFile:   h.cfg.NoFile,
+		ipcNS:    h.namespaces,
+		setGroup: h.runner != nil,
+		gid:      h.gid(),
+	})
+	if err == nil {
+		span.SetAttributes(attribute.Int("process.pid", b.proc.pid))
+	}
+	endSpan(span, err)
+	if err != nil {
+		return nil, err
+	}
+	if s.uid != 0 && h.filter != nil {
+		h.mu.Lock()
+		h.byUID[s.uid] = b
+		h.mu.Unlock()
+	}
+	return b, nil
 }
 
-// terminate asks the whole tree to stop (the timeout's first step).
-// With a cgroup that is every process in it (the group is among them; a
-// process signalled twice could run its handler twice).
+func endSpan(span trace.Span, err error) {
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
+}
+
+// gid is the group functions run with: the runner's.
+func (h *host) gid() uint32 {
+	if h.runner == nil {
+		return 0
+	}
+	return h.runner.gid
+}
+
+func (h *host) resolve(l Limits) resolvedLimits {
+	r := resolvedLimits{memory: l.MemoryBytes, cpuMillicores: l.CPUMillicores, pids: h.cfg.PidsLimit}
+	if l.Pids != nil {
+		r.pids = *l.Pids
+	}
+	return r
+}
+
+func (b *box) pid() int { return b.proc.pid }
+
+func (b *box) resume() error { return b.slot.resume(b.proc) }
+
+func (b *box) exited() <-chan struct{} { return b.proc.exited }
+
+// terminate asks the whole tree to stop. With a cgroup that is every
+// process in it (the group is among them; a process signalled twice could
+// run its handler twice).
 func (b *box) terminate() error {
 	if b.cgroup != nil {
 		return b.cgroup.signalAll(unix.SIGTERM)
 	}
-	return ignoreESRCH(unix.Kill(-b.pid, unix.SIGTERM))
+	return ignoreESRCH(unix.Kill(-b.proc.pid, unix.SIGTERM))
 }
 
 // kill kills the whole tree at once: with a cgroup every process in it,
-// also ones that left the process group; otherwise the process group.
+// also ones that left the process group; otherwise the process group. A
+// held process is killed the same way: it never runs an instruction.
 func (b *box) kill() error {
-	err := ignoreESRCH(unix.Kill(-b.pid, unix.SIGKILL))
+	err := ignoreESRCH(unix.Kill(-b.proc.pid, unix.SIGKILL))
 	if b.cgroup != nil {
 		err = errors.Join(err, b.cgroup.kill())
 	}
 	return err
 }
 
-// waitEmpty confirms the tree is gone: the cgroup is empty, or without one,
+// waitGone confirms the tree is gone: the cgroup is empty, or without one,
 // no live process is left in the process group.
-func (b *box) waitEmpty(timeout time.Duration) (err error) {
-	defer func() { b.empty = err == nil }()
+func (b *box) waitGone(timeout time.Duration) (err error) {
+	defer func() { b.gone = err == nil }()
 	if b.cgroup != nil {
 		return b.cgroup.waitEmpty(timeout)
 	}
 	var left []int
 	err = poll(timeout, func() (bool, error) {
 		// The usual case, cheap: nothing at all is left in the group.
-		if errors.Is(unix.Kill(-b.pid, 0), unix.ESRCH) {
+		if errors.Is(unix.Kill(-b.proc.pid, 0), unix.ESRCH) {
 			return true, nil
 		}
 		// Zombies count for kill(2) until their new parent reaps them,
 		// which an init that does not reap never does: look closer.
 		var err error
-		left, err = liveGroupMembers(b.proc, b.pid)
+		left, err = liveGroupMembers(b.h.proc, b.proc.pid)
 		return len(left) == 0, err
 	})
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("process group %d: processes %v still alive after %v", b.pid, left, timeout)
+		return fmt.Errorf("process group %d: processes %v still alive after %v", b.proc.pid, left, timeout)
 	}
 	return err
 }
@@ -331,52 +481,85 @@ func liveGroupMembers(fs procfs.FS, pgid int) ([]int, error) {
 	return left, nil
 }
 
-func (b *box) limited() bool { return b.cgroup != nil }
+// provesGone: only a cgroup proves that no process escaped.
+func (b *box) provesGone() bool { return b.cgroup != nil }
 
-// measure fills what the cgroup counted; without one, the main process's
-// own rusage (which includes the children it waited for).
-func (b *box) measure(res *Result, state *os.ProcessState) {
-	if state != nil {
-		if ru, ok := state.SysUsage().(*syscall.Rusage); ok {
-			res.PeakMemoryBytes = uint64(ru.Maxrss) * 1024
-			res.CPUTime = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-		}
+// memoryLimit is the limit in force: none without a cgroup to hold it.
+func (b *box) memoryLimit() int64 {
+	if b.cgroup == nil {
+		return 0
+	}
+	return derefOr(b.limits.memory, 0)
+}
+
+// finish reaps the main process, then fills in what the cgroup counted;
+// without one, the main process's own rusage (which includes the children
+// it waited for).
+func (b *box) finish(res *Result) {
+	ws, ru, err := b.proc.reap()
+	switch {
+	case err != nil:
+		b.h.log.Error("reaping the function's process", "pid", b.proc.pid, "err", err)
+		res.ExitCode = -1
+	case ws.Signaled():
+		res.ExitCode, res.Signal = 128+int(ws.Signal()), int(ws.Signal())
+	default:
+		res.ExitCode = ws.ExitStatus()
+	}
+	if err == nil {
+		res.PeakMemoryBytes = uint64(ru.Maxrss) * 1024
+		res.CPUTime = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	if b.cgroup != nil {
 		b.cgroup.measure(res)
 	}
+	if b.h.filter != nil && b.slot.uid != 0 {
+		// Every refusal of the execution is reported by now (the kernel
+		// queues a report before the refused call returns); settle reads
+		// the rest and what the rate limit suppressed.
+		suppressed, err := b.h.filter.settle(context.Background(), b.slot.uid)
+		if err != nil {
+			b.h.log.Warn("reading the execution's refused connections", "err", err)
+		}
+		b.mu.Lock()
+		b.blockedCount += int(suppressed)
+		b.mu.Unlock()
+	}
+	b.mu.Lock()
+	res.Blocked = b.blockedCount
+	res.BlockedSample = append([]BlockedConnection(nil), b.blockedSample...)
+	b.mu.Unlock()
 }
 
-func (b *box) remove() error {
-	// A uid whose processes might live on is never handed out again.
-	if b.uids != nil && b.empty {
-		b.uids.release(b.uid)
+func (b *box) noteBlocked(c BlockedConnection) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.blockedCount++
+	if len(b.blockedSample) < MaxBlockedSample {
+		b.blockedSample = append(b.blockedSample, c)
 	}
-	if b.cgroup == nil {
-		return nil
-	}
-	return b.cgroup.remove()
 }
 
-// waitExited blocks until the process has exited, without reaping it: the
-// zombie keeps its pid and process group id from being reused while the
-// rest of the group is killed.
-func waitExited(p *os.Process) error {
-	for {
-		var info unix.Siginfo
-		err := unix.Waitid(unix.P_PID, p.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-		if !errors.Is(err, unix.EINTR) {
-			return err
+// release gives the slot back (or retires it, when its processes might
+// live on) and removes the execution's scratch dir.
+func (b *box) release(gone bool) {
+	if b.slot == nil {
+		return
+	}
+	if b.slot.uid != 0 {
+		b.h.mu.Lock()
+		if b.h.byUID[b.slot.uid] == b {
+			delete(b.h.byUID, b.slot.uid)
+		}
+		b.h.mu.Unlock()
+	}
+	if b.scratch != "" {
+		if err := removeScratch(b.scratch); err != nil {
+			b.h.log.Error("removing the scratch dir", "err", err)
 		}
 	}
-}
-
-func exitStatus(state *os.ProcessState) (code, signal int) {
-	ws, ok := state.Sys().(syscall.WaitStatus)
-	if ok && ws.Signaled() {
-		return 128 + int(ws.Signal()), int(ws.Signal())
-	}
-	return state.ExitCode(), 0
+	b.h.pool.put(b.slot, b.cgroup, gone)
+	b.slot = nil
 }
 
 func ignoreESRCH(err error) error {
@@ -386,17 +569,9 @@ func ignoreESRCH(err error) error {
 	return err
 }
 
-// processIdentity names this process: pid and start time, which together
+// processIdentityOf names a process: pid and start time, which together
 // never repeat on a host, so a restarted agent can tell a crashed agent's
 // leftovers from a live one's.
-func processIdentity() (string, error) {
-	fs, err := procfs.NewFS("/proc")
-	if err != nil {
-		return "", fmt.Errorf("procfs: %w", err)
-	}
-	return processIdentityOf(fs, os.Getpid())
-}
-
 func processIdentityOf(fs procfs.FS, pid int) (string, error) {
 	p, err := fs.Proc(pid)
 	if err != nil {
@@ -426,4 +601,47 @@ func processAlive(identity string) bool {
 		return !errors.Is(err, os.ErrNotExist)
 	}
 	return name == identity
+}
+
+// instanceAlive says whether the Sandbox that named itself instance may
+// still run: its process does. A name that is not an instance name counts
+// as alive: it is not ours to remove.
+func instanceAlive(instance string) bool {
+	i := strings.LastIndexByte(instance, '-')
+	if i < 0 {
+		return true
+	}
+	if _, err := strconv.ParseUint(instance[i+1:], 10, 64); err != nil {
+		return true
+	}
+	return processAlive(instance[:i])
+}
+
+const scratchPrefix = "flux-sandbox-"
+
+// removeStaleScratch removes the scratch dirs of agents that are no longer
+// running.
+func removeStaleScratch(parent string, log *slog.Logger) {
+	matches, err := filepath.Glob(filepath.Join(parent, scratchPrefix+"*"))
+	if err != nil {
+		return
+	}
+	for _, dir := range matches {
+		instance := strings.TrimPrefix(filepath.Base(dir), scratchPrefix)
+		if instanceAlive(instance) {
+			continue
+		}
+		if err := removeScratch(dir); err != nil {
+			log.Warn("removing a crashed agent's scratch dir", "dir", dir, "err", err)
+		} else {
+			log.Info("removed a crashed agent's scratch dir", "dir", dir)
+		}
+	}
+}
+
+func removeScratch(dir string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("scratch dir: %w", err)
+	}
+	return nil
 }

@@ -7,13 +7,16 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/procfs"
 )
 
 // outputBuffer is a Spec.Output that tests can wait on.
@@ -61,10 +64,7 @@ func (b *outputBuffer) waitFor(t *testing.T, s string, timeout time.Duration) {
 
 func newSandbox(t *testing.T, cfg Config) *Sandbox {
 	t.Helper()
-	if cfg.ScratchDir == "" {
-		cfg.ScratchDir = t.TempDir()
-	}
-	s, err := New(cfg)
+	s, err := New(testConfig(t, cfg))
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -134,6 +134,30 @@ func processGone(pid int) bool {
 	return len(fields) > 0 && (fields[0] == "Z" || fields[0] == "X")
 }
 
+// testConfig fills in what every test sandbox needs: a scratch dir of the
+// test's own, a uid range no other sandbox of the run uses, and the host
+// network unless the test is about the network policy.
+func testConfig(t testing.TB, cfg Config) Config {
+	if cfg.ScratchDir == "" {
+		cfg.ScratchDir = t.TempDir()
+	}
+	if cfg.User != "" && cfg.UIDs.Count == 0 && !cfg.SharedUID {
+		cfg.UIDs = nextTestUIDs(64)
+	}
+	if cfg.Network.Mode == "" {
+		cfg.Network.Mode = NetworkHost
+	}
+	return cfg
+}
+
+// testUIDBlocks hands out uid blocks for test sandboxes; the e2e tests, which
+// may run at the same time, use another part of the uid space.
+var testUIDBlocks atomic.Uint32
+
+func nextTestUIDs(n uint32) UIDRange {
+	return UIDRange{First: 2_950_000 + testUIDBlocks.Add(n) - n, Count: n}
+}
+
 func TestOutputKeepsTheOrderWritten(t *testing.T) {
 	forEachContainment(t, testOutputKeepsTheOrderWritten)
 }
@@ -186,7 +210,11 @@ func testEnvironmentIsExactlyTheSpecs(t *testing.T, cfg Config) {
 	if diff := cmp.Diff(want, got); diff != "" || res.ExitCode != 0 {
 		t.Errorf("exit %d, environment (-want +got):\n%s", res.ExitCode, diff)
 	}
-	if _, err := os.Stat(tmpdir); !errors.Is(err, os.ErrNotExist) {
+	if s.Isolation().Namespaces {
+		if tmpdir != privateTmp {
+			t.Errorf("TMPDIR %q, want the private %s", tmpdir, privateTmp)
+		}
+	} else if _, err := os.Stat(tmpdir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("scratch dir %q left behind: %v", tmpdir, err)
 	}
 }
@@ -282,7 +310,7 @@ sleep 60`), Output: out})
 		t.Errorf("child %q alive after cancel", out.String())
 	}
 	p.Cancel() // idempotent and safe after Done
-	if got := p.Result(); got != res {
+	if got := p.Result(); !reflect.DeepEqual(got, res) {
 		t.Errorf("result changed after a second Cancel: %+v", got)
 	}
 }
@@ -351,9 +379,11 @@ func TestInvalidSpecIsRefused(t *testing.T) {
 			}
 		})
 	}
-	entries, err := os.ReadDir(s.scratchDir)
-	if err != nil || len(entries) != 0 {
-		t.Errorf("refused specs left scratch dirs: %v %v", entries, err)
+	if dir := s.host.scratchDir; dir != "" {
+		entries, err := os.ReadDir(dir)
+		if err != nil || len(entries) != 0 {
+			t.Errorf("refused specs left scratch dirs: %v %v", entries, err)
+		}
 	}
 }
 
@@ -366,7 +396,7 @@ func TestMissingExecutableIsAnError(t *testing.T) {
 }
 
 func TestCloseCancelsRunningExecutions(t *testing.T) {
-	s, err := New(Config{ScratchDir: t.TempDir()})
+	s, err := New(testConfig(t, Config{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,21 +472,12 @@ func TestExecutionEnv(t *testing.T) {
 	}
 }
 
-func TestDirName(t *testing.T) {
-	for id, want := range map[string]string{
-		"abc-123_X":              "x7-abc-123_X",
-		"../../etc":              "x7-______etc",
-		"a/b c\x00d":             "x7-a_b_c_d",
-		strings.Repeat("z", 100): "x7-" + strings.Repeat("z", 64),
-	} {
-		if got := dirName(id, 7); got != want {
-			t.Errorf("dirName(%q) = %q, want %q", id, got, want)
-		}
-	}
-}
-
 func TestInstanceAlive(t *testing.T) {
-	self, err := processIdentity()
+	fs, err := procfs.NewFS("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := processIdentityOf(fs, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -481,7 +502,7 @@ func TestTwoSandboxesInOneProcessDoNotInterfere(t *testing.T) {
 		scratch := t.TempDir()
 		cfg.ScratchDir = scratch
 		a := newSandbox(t, cfg)
-		b, err := New(cfg)
+		b, err := New(testConfig(t, cfg))
 		if err != nil {
 			t.Fatal(err)
 		}

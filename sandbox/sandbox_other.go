@@ -3,12 +3,11 @@
 package sandbox
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"runtime"
-	"strconv"
 	"time"
 )
 
@@ -21,27 +20,25 @@ func envKeyEqual(a, b string) bool { return a == b }
 
 type host struct{}
 
-func newHost(Config, string) (*host, Isolation, error) {
-	return nil, Isolation{}, fmt.Errorf("no containment on %s: %w", runtime.GOOS, errors.ErrUnsupported)
+func newHost(Config) (*host, error) {
+	return nil, fmt.Errorf("no containment on %s: %w", runtime.GOOS, errors.ErrUnsupported)
 }
 
-func (h *host) close() error                    { return nil }
-func (h *host) acquireUID() (uint32, error)     { return 0, nil }
-func (h *host) releaseUID(uint32)               {}
-func (h *host) ownScratch(string, uint32) error { return nil }
-func (h *host) start(*exec.Cmd, string, Limits, uint32) (*box, error) {
+func (h *host) start(context.Context, Spec, *os.File) (*box, error) {
 	return nil, errors.ErrUnsupported
 }
+func (h *host) isolation() Isolation { return Isolation{Cgroup: "none"} }
+func (h *host) close() error         { return nil }
 
 type box struct{}
 
-func (b *box) terminate() error                         { return errors.ErrUnsupported }
-func (b *box) kill() error                              { return errors.ErrUnsupported }
-func (b *box) waitEmpty(time.Duration) error            { return nil }
-func (b *box) limited() bool                            { return false }
-func (b *box) measure(*Result, *os.ProcessState)        {}
-func (b *box) remove() error                            { return nil }
-func waitExited(*os.Process) error                      { return errors.ErrUnsupported }
-func exitStatus(state *os.ProcessState) (code, sig int) { return state.ExitCode(), 0 }
-func processIdentity() (string, error)                  { return strconv.Itoa(os.Getpid()), nil }
-func processAlive(string) bool                          { return true }
+func (b *box) pid() int                     { return 0 }
+func (b *box) resume() error                { return errors.ErrUnsupported }
+func (b *box) exited() <-chan struct{}      { return nil }
+func (b *box) terminate() error             { return errors.ErrUnsupported }
+func (b *box) kill() error                  { return errors.ErrUnsupported }
+func (b *box) waitGone(time.Duration) error { return nil }
+func (b *box) provesGone() bool             { return false }
+func (b *box) memoryLimit() int64           { return 0 }
+func (b *box) finish(*Result)               {}
+func (b *box) release(bool)                 {}

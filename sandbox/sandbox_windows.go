@@ -1,14 +1,18 @@
 package sandbox
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"os/user"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -62,11 +66,14 @@ const (
 // host is the Windows containment: a job object per execution. Functions
 // run as the agent's own account.
 type host struct {
-	pids int64
+	cfg        Config
+	log        *slog.Logger
+	iso        Isolation
+	scratchDir string // this instance's dir of per-execution TMP dirs
 }
 
-func newHost(cfg Config, instance string) (*host, Isolation, error) {
-	iso := Isolation{Cgroup: "none", JobObject: true, UID: -1}
+func newHost(cfg Config) (*host, error) {
+	iso := Isolation{Cgroup: "none", UID: -1, Network: NetworkHost}
 	if u, err := user.Current(); err == nil {
 		iso.User = u.Username
 	}
@@ -75,37 +82,57 @@ func newHost(cfg Config, instance string) (*host, Isolation, error) {
 	} else {
 		iso.Degraded = append(iso.Degraded, "no user configured: functions run as the agent's own account")
 	}
-	return &host{pids: cfg.PidsLimit}, iso, nil
+	if cfg.Network.Mode != NetworkHost {
+		return nil, fmt.Errorf("network %s is not supported on Windows; set sandbox.network: host", cfg.Network.Mode)
+	}
+	iso.Degraded = append(iso.Degraded, "network is host: functions reach every address the node reaches")
+	identity, err := processIdentity()
+	if err != nil {
+		return nil, err
+	}
+	removeStaleScratch(cfg.ScratchDir, cfg.Logger)
+	dir := filepath.Join(cfg.ScratchDir, scratchPrefix+identity+"-"+strconv.FormatUint(sandboxCount.Add(1), 10))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("scratch dir: %w", err)
+	}
+	return &host{cfg: cfg, log: cfg.Logger, iso: iso, scratchDir: dir}, nil
 }
 
-func (h *host) close() error { return nil }
+func (h *host) isolation() Isolation { return h.iso }
 
-// Windows runs functions as the agent's account: no uids to hand out.
-func (h *host) acquireUID() (uint32, error)     { return 0, nil }
-func (h *host) releaseUID(uint32)               {}
-func (h *host) ownScratch(string, uint32) error { return nil }
+func (h *host) close() error { return removeScratch(h.scratchDir) }
 
 // box is one execution's job object.
 type box struct {
-	pid     int
+	proc    *os.Process
 	job     windows.Handle
 	process windows.Handle
 	port    windows.Handle // receives the job's limit messages
 	limits  jobLimits
+	scratch string
+	held    bool
+	exit    chan struct{}
 }
 
-// start creates the job, starts cmd suspended, assigns it to the job and
-// only then resumes it: no instruction of the function, and so no child of
-// it, runs outside the job.
-func (h *host) start(cmd *exec.Cmd, name string, limits Limits, _ uint32) (_ *box, err error) {
+// start creates the job, starts the process suspended, assigns it to the
+// job and only then resumes it (unless held): no instruction of the
+// function, and so no child of it, runs outside the job.
+func (h *host) start(_ context.Context, spec Spec, output *os.File) (_ *box, err error) {
 	// b is undone on every failure; the named result stays nil until the
 	// end, so the cleanup never sees a nil box.
-	b := &box{limits: newJobLimits(limits, h.pids, runtime.NumCPU())}
+	b := &box{limits: newJobLimits(spec.Limits, h.cfg.PidsLimit, runtime.NumCPU()), held: spec.Hold, exit: make(chan struct{})}
 	defer func() {
 		if err != nil {
-			_ = b.remove()
+			b.closeHandles()
+			if b.scratch != "" {
+				_ = removeScratch(b.scratch)
+			}
 		}
 	}()
+	b.scratch = filepath.Join(h.scratchDir, "x"+strconv.FormatUint(scratchCount.Add(1), 10))
+	if err := os.Mkdir(b.scratch, 0o700); err != nil {
+		return nil, fmt.Errorf("scratch dir: %w", err)
+	}
 	if b.job, err = windows.CreateJobObject(nil, nil); err != nil {
 		return nil, fmt.Errorf("job object: %w", err)
 	}
@@ -129,30 +156,61 @@ func (h *host) start(cmd *exec.Cmd, name string, limits Limits, _ uint32) (_ *bo
 			return nil, fmt.Errorf("job cpu limit: %w", err)
 		}
 	}
-
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		CreationFlags: windows.CREATE_SUSPENDED | windows.CREATE_NEW_PROCESS_GROUP,
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
+	defer devNull.Close()
+	b.proc, err = os.StartProcess(spec.Path, append([]string{spec.Path}, spec.Args...), &os.ProcAttr{
+		Dir:   spec.Dir,
+		Env:   executionEnv(spec.Env, b.scratch),
+		Files: []*os.File{devNull, output, output},
+		Sys: &syscall.SysProcAttr{
+			CreationFlags: windows.CREATE_SUSPENDED | windows.CREATE_NEW_PROCESS_GROUP,
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.Path, err)
 	}
-	b.pid = cmd.Process.Pid
 	abandon := func(err error) (*box, error) {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		_ = b.proc.Kill()
+		_, _ = b.proc.Wait()
 		return nil, err
 	}
 	const access = windows.PROCESS_SET_QUOTA | windows.PROCESS_TERMINATE | windows.SYNCHRONIZE | windows.PROCESS_QUERY_LIMITED_INFORMATION
-	if b.process, err = windows.OpenProcess(access, false, uint32(b.pid)); err != nil {
-		return abandon(fmt.Errorf("open process %d: %w", b.pid, err))
+	if b.process, err = windows.OpenProcess(access, false, uint32(b.proc.Pid)); err != nil {
+		return abandon(fmt.Errorf("open process %d: %w", b.proc.Pid, err))
 	}
 	if err := windows.AssignProcessToJobObject(b.job, b.process); err != nil {
-		return abandon(fmt.Errorf("assign process %d to its job: %w", b.pid, err))
+		return abandon(fmt.Errorf("assign process %d to its job: %w", b.proc.Pid, err))
 	}
-	if err := resumeProcess(b.pid); err != nil {
-		return abandon(err)
+	if !spec.Hold {
+		if err := resumeProcess(b.proc.Pid); err != nil {
+			return abandon(err)
+		}
 	}
+	go b.watchExit()
 	return b, nil
+}
+
+func (b *box) pid() int { return b.proc.Pid }
+
+func (b *box) resume() error {
+	if !b.held {
+		return nil
+	}
+	return resumeProcess(b.proc.Pid)
+}
+
+func (b *box) exited() <-chan struct{} { return b.exit }
+
+// watchExit closes exit once the process has exited; os.Process.Wait,
+// which releases it, comes after the rest of the job was killed.
+func (b *box) watchExit() {
+	defer close(b.exit)
+	if _, err := windows.WaitForSingleObject(b.process, windows.INFINITE); err != nil {
+		return
+	}
 }
 
 func setJobInfo[T any](job windows.Handle, class uint32, info *T) error {
@@ -198,7 +256,7 @@ func resumeProcess(pid int) error {
 // terminate asks the process group to stop with CTRL_BREAK (console
 // programs); where that cannot be delivered, it kills at once.
 func (b *box) terminate() error {
-	if err := windows.GenerateConsoleCtrlEvent(windows.CTRL_BREAK_EVENT, uint32(b.pid)); err != nil {
+	if err := windows.GenerateConsoleCtrlEvent(windows.CTRL_BREAK_EVENT, uint32(b.proc.Pid)); err != nil {
 		return b.kill()
 	}
 	return nil
@@ -211,13 +269,13 @@ func (b *box) kill() error {
 	if err == nil {
 		return nil
 	}
-	if out, terr := exec.Command("taskkill", "/F", "/T", "/PID", strconv.Itoa(b.pid)).CombinedOutput(); terr != nil {
+	if out, terr := exec.Command("taskkill", "/F", "/T", "/PID", strconv.Itoa(b.proc.Pid)).CombinedOutput(); terr != nil {
 		return errors.Join(fmt.Errorf("terminate job: %w", err), fmt.Errorf("taskkill: %w: %s", terr, out))
 	}
 	return nil
 }
 
-func (b *box) waitEmpty(timeout time.Duration) error {
+func (b *box) waitGone(timeout time.Duration) error {
 	return poll(timeout, func() (bool, error) {
 		var acct jobBasicAccounting
 		if err := queryJobInfo(b.job, windows.JobObjectBasicAccountingInformation, &acct); err != nil {
@@ -227,11 +285,21 @@ func (b *box) waitEmpty(timeout time.Duration) error {
 	})
 }
 
-func (b *box) limited() bool { return b.limits.jobMemory > 0 }
+// provesGone: the job's accounting counts every process of the tree.
+func (b *box) provesGone() bool { return true }
 
-// measure reads the job's accounting; hitting the memory limit is known
-// from the message the job posted to its completion port.
-func (b *box) measure(res *Result, _ *os.ProcessState) {
+func (b *box) memoryLimit() int64 { return int64(b.limits.jobMemory) }
+
+// finish reaps the process and reads the job's accounting; hitting the
+// memory limit is known from the message the job posted to its completion
+// port.
+func (b *box) finish(res *Result) {
+	state, err := b.proc.Wait()
+	if err != nil {
+		res.ExitCode = -1
+	} else {
+		res.ExitCode = state.ExitCode()
+	}
 	var acct jobBasicAccounting
 	if err := queryJobInfo(b.job, windows.JobObjectBasicAccountingInformation, &acct); err == nil {
 		res.CPUTime = time.Duration(acct.TotalUserTime+acct.TotalKernelTime) * 100
@@ -253,34 +321,20 @@ func (b *box) measure(res *Result, _ *os.ProcessState) {
 	}
 }
 
-// remove closes the handles; closing the job kills anything still in it.
-func (b *box) remove() error {
-	var errs []error
+// release closes the handles (closing the job kills anything still in it)
+// and removes the scratch dir.
+func (b *box) release(bool) {
+	b.closeHandles()
+	_ = removeScratch(b.scratch)
+}
+
+func (b *box) closeHandles() {
 	for _, h := range []windows.Handle{b.process, b.job, b.port} {
 		if h != 0 {
-			errs = append(errs, windows.CloseHandle(h))
+			_ = windows.CloseHandle(h)
 		}
 	}
 	b.process, b.job, b.port = 0, 0, 0
-	return errors.Join(errs...)
-}
-
-// waitExited blocks until the process has exited; os/exec's Wait, which
-// releases it, comes after the rest of the job was killed.
-func waitExited(p *os.Process) error {
-	h, err := windows.OpenProcess(windows.SYNCHRONIZE, false, uint32(p.Pid))
-	if err != nil {
-		return fmt.Errorf("open process %d: %w", p.Pid, err)
-	}
-	defer windows.CloseHandle(h)
-	if _, err := windows.WaitForSingleObject(h, windows.INFINITE); err != nil {
-		return fmt.Errorf("wait for process %d: %w", p.Pid, err)
-	}
-	return nil
-}
-
-func exitStatus(state *os.ProcessState) (code, signal int) {
-	return state.ExitCode(), 0
 }
 
 // processIdentity names this process: pid and creation time, which
@@ -320,4 +374,37 @@ func processAlive(identity string) bool {
 	}
 	created, err := processCreation(h)
 	return err != nil || strconv.FormatInt(created, 10) == createdText
+}
+
+// Counters that keep names unique within the process.
+var (
+	sandboxCount atomic.Uint64
+	scratchCount atomic.Uint64
+)
+
+const scratchPrefix = "flux-sandbox-"
+
+// removeStaleScratch removes the scratch dirs of agents that are no longer
+// running.
+func removeStaleScratch(parent string, log *slog.Logger) {
+	matches, err := filepath.Glob(filepath.Join(parent, scratchPrefix+"*"))
+	if err != nil {
+		return
+	}
+	for _, dir := range matches {
+		instance := strings.TrimPrefix(filepath.Base(dir), scratchPrefix)
+		if i := strings.LastIndexByte(instance, '-'); i < 0 || processAlive(instance[:i]) {
+			continue
+		}
+		if err := removeScratch(dir); err != nil {
+			log.Warn("removing a crashed agent's scratch dir", "dir", dir, "err", err)
+		}
+	}
+}
+
+func removeScratch(dir string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("scratch dir: %w", err)
+	}
+	return nil
 }

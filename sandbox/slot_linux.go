@@ -1,0 +1,521 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A slot is the isolation one execution at a time runs in, prepared ahead
+// and reused: a uid of its own from the range (and a passwd file naming
+// it), an OS thread of the agent locked to the slot that forks the slot's
+// functions, a mount namespace holding the private tmpfs and /proc view
+// (the thread's, inherited by every process it forks), a network
+// namespace in "none" mode, and on cgroup v1 a set of cgroups the thread
+// itself sits in, so that a function is born inside them: v1 has no
+// CLONE_INTO_CGROUP, and moving a process in costs an RCU grace period
+// (milliseconds) on the start path. The thread's kernel state (namespaces,
+// no_new_privs, cgroups, and for a moment the function's real ids) never
+// reaches the rest of the agent: a locked thread runs no other goroutine,
+// the runtime clones no thread from it, and it ends with the slot.
+type slot struct {
+	id int
+	// uid is the slot's own uid from the range, 0 when there is none.
+	uid uint32
+	// cred is what functions run as; nil runs them as the agent.
+	cred *slotCred
+	tid  int
+
+	jobs  chan func()
+	ended chan struct{} // closed when the thread is done
+
+	v1 *slotCgroupV1 // cgroup v1 only
+
+	// tmpInodes and tmpBlocks are what the empty layout uses of the
+	// slot's tmpfs; more after an execution means it left something.
+	tmpInodes, tmpBlocks uint64
+	idleSince            time.Time
+}
+
+type slotCred struct{ uid, gid uint32 }
+
+// do runs f on the slot's thread.
+func (s *slot) do(f func() error) error {
+	errc := make(chan error, 1)
+	s.jobs <- func() { errc <- f() }
+	return <-errc
+}
+
+// spawn forks and execs req from the slot's thread.
+func (s *slot) spawn(req spawnRequest) (*child, error) {
+	var c *child
+	err := s.do(func() error {
+		var err error
+		c, err = s.forkExec(req)
+		return err
+	})
+	return c, err
+}
+
+// resume lets a held child run: the thread that traces it detaches.
+func (s *slot) resume(c *child) error {
+	return s.do(func() error {
+		err := unix.PtraceDetach(c.pid)
+		if errors.Is(err, unix.ESRCH) {
+			return nil // killed meanwhile: nothing to let go
+		}
+		return err
+	})
+}
+
+// Pool sizing: spare slots kept ready beyond the ones in use, in
+// proportion to the recent peak of concurrent executions (a burst takes
+// warm slots), and no fewer than minSpareSlots; idle slots beyond twice
+// that are ended after slotIdleTimeout.
+const (
+	minSpareSlots   = 2
+	spareShare      = 4 // spare = peak in use / spareShare
+	slotIdleTimeout = time.Minute
+	peakWindow      = time.Minute
+	fillInterval    = time.Second
+	maxSlots        = 1 << 16
+)
+
+// slotPool makes, hands out, cleans and ends slots.
+type slotPool struct {
+	h      *host
+	uids   *uidPool // nil: every slot runs as the runner (or the agent)
+	passwd []byte   // the host's /etc/passwd, read once
+
+	mu          sync.Mutex
+	free        []*slot // most recently used last
+	live        int     // slots made and not ended
+	inUse       int
+	peaks       [2]int // highest inUse in this window and the one before
+	windowStart time.Time
+	nextID      int
+	closed      bool
+
+	wake chan struct{}
+	quit chan struct{}
+	wg   sync.WaitGroup // the filler and every slot's thread
+}
+
+func newSlotPool(h *host, uids UIDRange) *slotPool {
+	return &slotPool{h: h, wake: make(chan struct{}, 1), quit: make(chan struct{}), windowStart: time.Now()}
+}
+
+// start makes the first spare slots, so a host that cannot make them fails
+// at start with the reason, and starts the filler.
+func (p *slotPool) start() error {
+	if r := p.h.iso.UIDRange; r.Count > 0 {
+		pool, err := newUIDPool(r)
+		if err != nil {
+			return err
+		}
+		p.uids = pool
+	}
+	if p.h.namespaces && p.uids != nil {
+		passwd, err := os.ReadFile("/etc/passwd")
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("reading /etc/passwd: %w", err)
+		}
+		p.passwd = passwd
+	}
+	slots, err := p.make(minSpareSlots)
+	if err != nil {
+		return fmt.Errorf("preparing slots: %w", err)
+	}
+	p.mu.Lock()
+	p.free = append(p.free, slots...)
+	p.mu.Unlock()
+	p.wg.Add(1)
+	go p.fill()
+	return nil
+}
+
+// take hands out a free slot, or makes one when none is (cold).
+func (p *slotPool) take() (s *slot, cold bool, err error) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, false, ErrClosed
+	}
+	p.inUse++
+	p.notePeak()
+	if n := len(p.free); n > 0 {
+		s = p.free[n-1]
+		p.free = p.free[:n-1]
+		low := len(p.free) < p.spare()
+		p.mu.Unlock()
+		if low {
+			p.signal()
+		}
+		return s, false, nil
+	}
+	p.mu.Unlock()
+	p.signal()
+	slots, err := p.make(1)
+	if err != nil {
+		p.mu.Lock()
+		p.inUse--
+		p.mu.Unlock()
+		return nil, true, err
+	}
+	return slots[0], true, nil
+}
+
+// put takes a slot back after its execution. What the execution may have
+// left is cleaned first; a slot whose processes could not be proven gone,
+// or that cannot be cleaned, is ended instead, and its uid never handed out
+// again.
+func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
+	ok := gone
+	if cg != nil {
+		if err := cg.release(gone); err != nil {
+			p.h.log.Error("resetting an execution's cgroup", "slot", s.id, "err", err)
+			ok = false
+		}
+	}
+	if ok && p.h.namespaces {
+		if err := p.clean(s); err != nil {
+			p.h.log.Error("cleaning a slot's temporary dirs", "slot", s.id, "err", err)
+			ok = false
+		}
+	}
+	p.mu.Lock()
+	p.inUse--
+	if ok && !p.closed {
+		s.idleSince = time.Now()
+		p.free = append(p.free, s)
+		p.mu.Unlock()
+		return
+	}
+	p.live--
+	p.mu.Unlock()
+	p.end(s, gone)
+}
+
+// clean empties the slot's temporary dirs when the execution left
+// anything there (the usual execution leaves nothing: one statfs).
+func (p *slotPool) clean(s *slot) error {
+	return s.do(func() error {
+		inodes, blocks, err := tmpUsage()
+		if err != nil || (inodes <= s.tmpInodes && blocks <= s.tmpBlocks) {
+			return err
+		}
+		if err := scrubTmp(); err != nil {
+			return err
+		}
+		if inodes, blocks, err = tmpUsage(); err != nil {
+			return err
+		}
+		if inodes > s.tmpInodes || blocks > s.tmpBlocks {
+			return fmt.Errorf("%d inodes and %d blocks still in use after the scrub", inodes-s.tmpInodes, blocks-s.tmpBlocks)
+		}
+		return nil
+	})
+}
+
+// notePeak records the number in use for the sizing; p.mu held.
+func (p *slotPool) notePeak() {
+	if now := time.Now(); now.Sub(p.windowStart) > peakWindow {
+		p.peaks[1], p.peaks[0], p.windowStart = p.peaks[0], p.inUse, now
+	}
+	p.peaks[0] = max(p.peaks[0], p.inUse)
+}
+
+// spare is how many free slots to keep; p.mu held.
+func (p *slotPool) spare() int {
+	return max(minSpareSlots, (max(p.peaks[0], p.peaks[1])+spareShare-1)/spareShare)
+}
+
+func (p *slotPool) signal() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// fill keeps the spare slots ready and ends the ones idle too long.
+func (p *slotPool) fill() {
+	defer p.wg.Done()
+	tick := time.NewTicker(fillInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.quit:
+			return
+		case <-p.wake:
+		case <-tick.C:
+		}
+		p.mu.Lock()
+		p.notePeak()
+		missing := p.spare() - len(p.free)
+		p.mu.Unlock()
+		if missing > 0 {
+			slots, err := p.make(missing)
+			if err != nil {
+				p.h.log.Warn("preparing spare slots", "err", err)
+			}
+			p.mu.Lock()
+			closed := p.closed
+			if !closed {
+				p.free = append(p.free, slots...)
+			}
+			p.mu.Unlock()
+			if closed {
+				for _, s := range slots {
+					p.mu.Lock()
+					p.live--
+					p.mu.Unlock()
+					p.end(s, true)
+				}
+			}
+		}
+		p.shrink()
+	}
+}
+
+// shrink ends the slots idle longer than slotIdleTimeout beyond twice the
+// spare count, oldest first.
+func (p *slotPool) shrink() {
+	p.mu.Lock()
+	var idle []*slot
+	keep := 2 * p.spare()
+	for len(p.free) > keep && time.Since(p.free[0].idleSince) > slotIdleTimeout {
+		idle = append(idle, p.free[0])
+		p.free = p.free[1:]
+		p.live--
+	}
+	p.mu.Unlock()
+	for _, s := range idle {
+		p.end(s, true)
+	}
+}
+
+// make prepares n slots: their threads set up side by side, then (cgroup
+// v1) moved into their cgroups one right after the other, so the moves
+// share the kernel's grace periods.
+func (p *slotPool) make(n int) ([]*slot, error) {
+	p.mu.Lock()
+	n = min(n, maxSlots-p.live)
+	first := p.nextID
+	p.nextID += n
+	p.live += n
+	p.mu.Unlock()
+
+	slots := make([]*slot, 0, n)
+	var errs []error
+	failed := 0
+	for i := range n {
+		s, err := p.newSlot(first + i)
+		if err != nil {
+			errs = append(errs, err)
+			failed++
+			continue
+		}
+		slots = append(slots, s)
+	}
+	if p.h.cgroups != nil && len(slots) > 0 {
+		if err := p.h.cgroups.attach(slots); err != nil {
+			errs = append(errs, err)
+			for _, s := range slots {
+				p.end(s, true)
+			}
+			failed += len(slots)
+			slots = nil
+		}
+	}
+	if failed > 0 {
+		p.mu.Lock()
+		p.live -= failed
+		p.mu.Unlock()
+	}
+	if len(slots) == 0 && n > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if len(errs) > 0 {
+		p.h.log.Warn("some slots could not be prepared", "err", errors.Join(errs...))
+	}
+	return slots, nil
+}
+
+// newSlot starts a slot's thread and sets up its isolation.
+func (p *slotPool) newSlot(id int) (*slot, error) {
+	s := &slot{id: id, jobs: make(chan func()), ended: make(chan struct{})}
+	if r := p.h.runner; r != nil {
+		s.cred = &slotCred{uid: r.uid, gid: r.gid}
+		if p.uids != nil {
+			uid, err := p.uids.acquire()
+			if err != nil {
+				return nil, err
+			}
+			s.uid, s.cred.uid = uid, uid
+		}
+	}
+	ready := make(chan error, 1)
+	p.wg.Add(1)
+	go p.runThread(s, ready)
+	if err := <-ready; err != nil {
+		<-s.ended
+		if p.uids != nil && s.uid != 0 {
+			p.uids.release(s.uid)
+		}
+		return nil, fmt.Errorf("slot %d: %w", id, err)
+	}
+	return s, nil
+}
+
+// runThread locks a thread that is not the process's main thread (on v1
+// the main thread in a function's cgroup would put the agent itself there),
+// sets up the slot on it and runs the slot's jobs until the slot ends. On
+// failure the goroutine returns still locked, so the runtime ends the
+// thread with whatever state the setup left on it.
+func (p *slotPool) runThread(s *slot, ready chan<- error) {
+	defer p.wg.Done()
+	runtime.LockOSThread()
+	if unix.Gettid() == p.h.self {
+		// Keep the main thread busy until another goroutine has locked a
+		// thread of its own, then give the main thread back.
+		locked := make(chan struct{})
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			runtime.LockOSThread()
+			close(locked)
+			p.serve(s, ready)
+		}()
+		<-locked
+		runtime.UnlockOSThread()
+		return
+	}
+	p.serve(s, ready)
+}
+
+func (p *slotPool) serve(s *slot, ready chan<- error) {
+	defer close(s.ended)
+	if err := p.setup(s); err != nil {
+		ready <- err
+		return
+	}
+	s.tid = unix.Gettid()
+	ready <- nil
+	for f := range s.jobs {
+		f()
+	}
+}
+
+// setup gives the calling (slot) thread its namespaces and no_new_privs.
+func (p *slotPool) setup(s *slot) error {
+	if p.h.namespaces {
+		flags := unix.CLONE_FS | unix.CLONE_NEWNS
+		if p.h.cfg.Network.Mode == NetworkNone {
+			flags |= unix.CLONE_NEWNET
+		}
+		if err := unix.Unshare(flags); err != nil {
+			return fmt.Errorf("namespaces: %w", err)
+		}
+		if flags&unix.CLONE_NEWNET != 0 {
+			if err := loopbackUp(); err != nil {
+				return fmt.Errorf("network namespace: %w", err)
+			}
+		}
+		plan := mountPlan{tmpSize: p.h.cfg.TmpSize, masks: p.h.cfg.MaskPaths}
+		if s.uid != 0 {
+			plan.passwd = passwdWith(p.passwd, s.cred.uid, s.cred.gid)
+		}
+		if err := setupMounts(plan); err != nil {
+			return err
+		}
+		var err error
+		if s.tmpInodes, s.tmpBlocks, err = tmpUsage(); err != nil {
+			return err
+		}
+	}
+	// Inherited by every process forked here, and impossible to clear: a
+	// function can never gain privileges through a setuid binary.
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("no_new_privs: %w", err)
+	}
+	return nil
+}
+
+// loopbackUp brings up lo in the calling thread's fresh network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// end stops a slot's thread (with it go its namespaces and tmpfs) and
+// removes its cgroups. keepUID says its uid may be handed out again: only
+// when its processes were proven gone.
+func (p *slotPool) end(s *slot, keepUID bool) {
+	close(s.jobs)
+	<-s.ended
+	if p.h.cgroups != nil && s.v1 != nil {
+		if err := p.h.cgroups.detach(s); err != nil {
+			p.h.log.Warn("removing a slot's cgroups", "slot", s.id, "err", err)
+			keepUID = false
+		}
+	}
+	if p.uids != nil && s.uid != 0 {
+		if keepUID {
+			p.uids.release(s.uid)
+		} else {
+			p.h.log.Warn("a slot's uid is retired: its processes could not be proven gone", "slot", s.id, "uid", s.uid)
+		}
+	}
+}
+
+// close ends every free slot and the filler; executions must be over.
+func (p *slotPool) close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	free := p.free
+	p.free = nil
+	p.live -= len(free)
+	p.mu.Unlock()
+	close(p.quit)
+	for _, s := range free {
+		p.end(s, true)
+	}
+	p.wg.Wait()
+	return nil
+}
+
+// stats reports what the pool holds, for tests and the agent's status.
+func (p *slotPool) stats() (live, free, inUse int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.live, len(p.free), p.inUse
+}
+
+// Counters that keep names unique within the process.
+var (
+	sandboxCount  atomic.Uint64
+	scratchCount  atomic.Uint64
+	clone3Refused atomic.Bool
+)
