@@ -82,6 +82,8 @@ type Config struct {
 
 	// dir is the config file's folder; relative paths resolve against it.
 	dir string
+	// path is the config file read, "" when none was.
+	path string
 }
 
 // DefaultConfig returns the configuration used when nothing is set.
@@ -123,6 +125,9 @@ func LoadConfig(lookup func(key string) (string, bool)) (Config, error) {
 	case err == nil:
 		if err := cfg.Parse(bytes.NewReader(data)); err != nil {
 			return Config{}, fmt.Errorf("config %s: %w", path, err)
+		}
+		if abs, err := filepath.Abs(path); err == nil {
+			cfg.path = abs
 		}
 	case errors.Is(err, os.ErrNotExist) && !named:
 		// Running without a file is fine: defaults and environment.

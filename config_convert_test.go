@@ -19,41 +19,76 @@ import (
 
 func TestSandboxConfig(t *testing.T) {
 	logger := slog.New(slog.DiscardHandler)
+	// base is what the defaults give.
+	base := func(change func(*sandbox.Config)) sandbox.Config {
+		c := sandbox.Config{
+			Name: "agent-1", User: "flux-runner", PidsLimit: 1024, NoFile: 1024, TmpSize: 64 << 20,
+			Network: sandbox.NetworkPolicy{Mode: sandbox.NetworkFiltered}, Logger: logger,
+		}
+		change(&c)
+		return c
+	}
 	tests := []struct {
 		name   string
-		change func(*SandboxConfig)
+		change func(*Config)
 		want   sandbox.Config
 	}{
+		{"defaults", func(*Config) {}, base(func(*sandbox.Config) {})},
 		{
-			name:   "defaults",
-			change: func(*SandboxConfig) {},
-			want:   sandbox.Config{User: "flux-runner", PidsLimit: 1024, Logger: logger},
-		},
-		{
-			name: "pids_limit 0 is the sandbox's none",
-			change: func(s *SandboxConfig) {
-				s.PidsLimit = 0
-				s.CgroupRoot, s.ScratchDir, s.RunAsUser = "/flux", "/var/tmp/flux", "runner2"
+			"pids_limit and tmp_size 0 are the sandbox's none",
+			func(c *Config) {
+				c.Sandbox.PidsLimit, c.Sandbox.TmpSize = 0, 0
+				c.Sandbox.CgroupRoot, c.Sandbox.ScratchDir, c.Sandbox.RunAsUser = "/flux", "/var/tmp/flux", "runner2"
 			},
-			want: sandbox.Config{CgroupRoot: "/flux", User: "runner2", PidsLimit: sandbox.NoPidsLimit, ScratchDir: "/var/tmp/flux", Logger: logger},
+			base(func(s *sandbox.Config) {
+				s.PidsLimit, s.TmpSize = sandbox.NoPidsLimit, sandbox.NoTmpSizeLimit
+				s.CgroupRoot, s.ScratchDir, s.User = "/flux", "/var/tmp/flux", "runner2"
+			}),
 		},
 		{
-			name:   "a fixed uid range",
-			change: func(s *SandboxConfig) { s.UIDRange = UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000} },
-			want:   sandbox.Config{User: "flux-runner", UIDs: sandbox.UIDRange{First: 2000000, Count: 1000}, PidsLimit: 1024, Logger: logger},
+			"a fixed uid range",
+			func(c *Config) { c.Sandbox.UIDRange = UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000} },
+			base(func(s *sandbox.Config) { s.UIDs = sandbox.UIDRange{First: 2000000, Count: 1000} }),
 		},
 		{
-			name:   "shared uids",
-			change: func(s *SandboxConfig) { s.UIDRange = UIDRange{Mode: UIDsShared} },
-			want:   sandbox.Config{User: "flux-runner", PidsLimit: 1024, Logger: logger},
+			"shared uids",
+			func(c *Config) { c.Sandbox.UIDRange = UIDRange{Mode: UIDsShared} },
+			base(func(s *sandbox.Config) { s.SharedUID = true }),
+		},
+		{
+			"network lists",
+			func(c *Config) {
+				c.Sandbox.NetworkDeny = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
+				c.Sandbox.NetworkAllow = []sandbox.NetworkException{{Prefix: netip.MustParsePrefix("10.0.0.5/32"), Port: 8125}}
+				c.Sandbox.NoFile = 4096
+			},
+			base(func(s *sandbox.Config) {
+				s.Network.Deny = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
+				s.Network.Allow = []sandbox.NetworkException{{Prefix: netip.MustParsePrefix("10.0.0.5/32"), Port: 8125}}
+				s.NoFile = 4096
+			}),
+		},
+		{
+			"the agent's own files are masked",
+			func(c *Config) {
+				c.path = "/etc/flux-agent/agent.yaml"
+				c.TLS = TLSConfig{Enabled: true, CACert: "/etc/flux-agent/ca.pem", CertFile: "/etc/flux-agent/agent.pem", KeyFile: "/etc/flux-agent/agent-key.pem"}
+			},
+			base(func(s *sandbox.Config) {
+				s.MaskPaths = []string{"/etc/flux-agent/agent.yaml", "/etc/flux-agent/ca.pem", "/etc/flux-agent/agent.pem", "/etc/flux-agent/agent-key.pem"}
+			}),
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := DefaultConfig()
-			tt.change(&cfg.Sandbox)
-			got := cfg.sandboxConfig(logger)
-			if diff := cmp.Diff(tt.want, got, cmpopts.IgnoreUnexported(sandbox.Config{}), cmp.Comparer(func(a, b *slog.Logger) bool { return a == b })); diff != "" {
+			cfg.AgentID = "agent-1"
+			tt.change(&cfg)
+			got := cfg.sandboxConfig(logger, nil)
+			if diff := cmp.Diff(tt.want, got, cmpopts.IgnoreUnexported(sandbox.Config{}),
+				cmp.Comparer(func(a, b *slog.Logger) bool { return a == b }),
+				cmpopts.IgnoreFields(sandbox.NetworkPolicy{}, "Protected"),
+				cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 				t.Errorf("sandboxConfig (-want +got):\n%s", diff)
 			}
 		})
@@ -157,21 +192,20 @@ func TestRedactURL(t *testing.T) {
 func TestNetworkException(t *testing.T) {
 	for _, tt := range []struct {
 		in, canonical string
-		want          NetworkException
+		want          sandbox.NetworkException
 	}{
-		{"127.0.0.1", "127.0.0.1", NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32")}},
-		{"127.0.0.1:8125", "127.0.0.1:8125", NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125}},
-		{"10.0.0.0/8", "10.0.0.0/8", NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8")}},
-		{" 10.0.0.0/8:53 ", "10.0.0.0/8:53", NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8"), Port: 53}},
-		{"::1", "::1", NetworkException{Prefix: netip.MustParsePrefix("::1/128")}},
-		{"[::1]:9000", "[::1]:9000", NetworkException{Prefix: netip.MustParsePrefix("::1/128"), Port: 9000}},
-		{"[::1]", "::1", NetworkException{Prefix: netip.MustParsePrefix("::1/128")}},
-		{"fd00::/8", "fd00::/8", NetworkException{Prefix: netip.MustParsePrefix("fd00::/8")}},
-		{"[fd00::/8]:53", "[fd00::/8]:53", NetworkException{Prefix: netip.MustParsePrefix("fd00::/8"), Port: 53}},
+		{"127.0.0.1", "127.0.0.1", sandbox.NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32")}},
+		{"127.0.0.1:8125", "127.0.0.1:8125", sandbox.NetworkException{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125}},
+		{"10.0.0.0/8", "10.0.0.0/8", sandbox.NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8")}},
+		{" 10.0.0.0/8:53 ", "10.0.0.0/8:53", sandbox.NetworkException{Prefix: netip.MustParsePrefix("10.0.0.0/8"), Port: 53}},
+		{"::1", "::1", sandbox.NetworkException{Prefix: netip.MustParsePrefix("::1/128")}},
+		{"[::1]:9000", "[::1]:9000", sandbox.NetworkException{Prefix: netip.MustParsePrefix("::1/128"), Port: 9000}},
+		{"fd00::/8", "fd00::/8", sandbox.NetworkException{Prefix: netip.MustParsePrefix("fd00::/8")}},
+		{"[fd00::/8]:53", "[fd00::/8]:53", sandbox.NetworkException{Prefix: netip.MustParsePrefix("fd00::/8"), Port: 53}},
 		// Without brackets the last group is the address's, not a port.
-		{"fd00::1:53", "fd00::1:53", NetworkException{Prefix: netip.MustParsePrefix("fd00::1:53/128")}},
+		{"fd00::1:53", "fd00::1:53", sandbox.NetworkException{Prefix: netip.MustParsePrefix("fd00::1:53/128")}},
 	} {
-		var got NetworkException
+		var got sandbox.NetworkException
 		if err := got.UnmarshalText([]byte(tt.in)); err != nil {
 			t.Errorf("%q: %v", tt.in, err)
 			continue
@@ -184,7 +218,7 @@ func TestNetworkException(t *testing.T) {
 		}
 	}
 	for _, in := range []string{"", ":80", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:http", "[::1]:", "[]:80", "10.0.0.0/33", "host.example"} {
-		var e NetworkException
+		var e sandbox.NetworkException
 		if err := e.UnmarshalText([]byte(in)); err == nil {
 			t.Errorf("%q accepted as %v", in, e)
 		}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/serverless-fabric/flux-agent/sandbox"
 	"net/netip"
 	"os"
 	"regexp"
@@ -54,10 +55,10 @@ var keyCases = []keyCase{
 	{key: "sandbox.uid_range", text: "2000000-2000999", want: UIDRange{Mode: UIDsFixed, First: 2000000, Count: 1000}},
 	{key: "sandbox.tmp_size", text: "128MiB", want: ByteSize(128 << 20)},
 	{key: "sandbox.nofile", text: "4096", want: 4096},
-	{key: "sandbox.network", text: "none", want: NetworkNone},
+	{key: "sandbox.network", text: "none", want: sandbox.NetworkNone},
 	{key: "sandbox.network_deny", text: "10.0.0.0/8, fd00::/8", want: []netip.Prefix{
 		netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}},
-	{key: "sandbox.network_allow", text: "127.0.0.1:8125, [::1]:9000, 10.1.0.0/16:53, fd00::5", want: []NetworkException{
+	{key: "sandbox.network_allow", text: "127.0.0.1:8125, [::1]:9000, 10.1.0.0/16:53, fd00::5", want: []sandbox.NetworkException{
 		{Prefix: netip.MustParsePrefix("127.0.0.1/32"), Port: 8125},
 		{Prefix: netip.MustParsePrefix("::1/128"), Port: 9000},
 		{Prefix: netip.MustParsePrefix("10.1.0.0/16"), Port: 53},
@@ -212,17 +213,17 @@ var badValues = []struct {
 	{"sandbox.tmp_size", "big", "not a size"},
 	{"sandbox.nofile", "0", "between 16 and 1048576"},
 	{"sandbox.nofile", "2000000", "between 16 and 1048576"},
-	{"sandbox.network", "open", "must be filtered, none or host"},
-	{"sandbox.network", "", "must be filtered, none or host"},
+	{"sandbox.network", "open", `want "filtered", "none" or "host"`},
+	{"sandbox.network", "", `want "filtered", "none" or "host"`},
 	{"sandbox.network_deny", "10.0.0.5", "item 1"},
 	{"sandbox.network_deny", "10.0.0.0/8,,fd00::/8", "item 2 is empty"},
 	{"sandbox.network_deny", "10.0.0.1/8", "write 10.0.0.0/8"},
-	{"sandbox.network_allow", "10.0.0.1:0", "not 1-65535"},
-	{"sandbox.network_allow", "[::1", "no closing ]"},
-	{"sandbox.network_allow", "[::1]80", "want [IPv6]:PORT"},
-	{"sandbox.network_allow", "localhost:80", "not an address or a CIDR"},
+	{"sandbox.network_allow", "10.0.0.1:0", "want 1-65535"},
+	{"sandbox.network_allow", "[::1", "missing ]"},
+	{"sandbox.network_allow", "[::1]80", "want :port after ]"},
+	{"sandbox.network_allow", "localhost:80", "not an address or CIDR"},
 	{"sandbox.network_allow", "fe80::1%eth0", "zones are not supported"},
-	{"sandbox.network_allow", "10.1.2.3/16:53", "write 10.1.0.0/16"},
+	{"sandbox.network_allow", "10.1.2.3/16:53", "did you mean 10.1.0.0/16"},
 	{"deploy.max_bytes", "0", "must be positive"},
 	{"deploy.max_files", "0", "must be positive"},
 	{"deploy.max_ratio", "0", "must be positive"},
@@ -274,9 +275,9 @@ func TestDefaults(t *testing.T) {
 		"default_timeout":       15 * time.Minute,
 		"default_memory":        ByteSize(512 << 20),
 		"shutdown_grace":        30 * time.Second,
-		"sandbox.network":       NetworkFiltered,
+		"sandbox.network":       sandbox.NetworkFiltered,
 		"sandbox.network_deny":  []netip.Prefix(nil),
-		"sandbox.network_allow": []NetworkException(nil),
+		"sandbox.network_allow": []sandbox.NetworkException(nil),
 		"sandbox.tmp_size":      ByteSize(64 << 20),
 		"sandbox.nofile":        1024,
 		"sandbox.uid_range":     UIDRange{Mode: UIDsAuto},

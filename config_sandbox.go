@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,16 +13,8 @@ import (
 	"github.com/serverless-fabric/flux-agent/sandbox"
 )
 
-// Sandbox defaults this package owns until the sandbox does.
+// Bounds of sandbox.nofile.
 const (
-	// DefaultTmpSize bounds each execution's private /tmp, /var/tmp and
-	// /dev/shm together (one tmpfs, whose pages also count against the
-	// execution's memory limit).
-	DefaultTmpSize = 64 << 20
-	// DefaultNoFile is the RLIMIT_NOFILE of functions: what ordinary
-	// programs need, far below the agent's own (the unit's 65536), so that
-	// a function cannot hold the descriptors the agent needs.
-	DefaultNoFile = 1024
 	// maxNoFile is fs.nr_open's default, above which setrlimit fails.
 	maxNoFile = 1 << 20
 	// minNoFile leaves room for stdio and a runtime's own descriptors.
@@ -42,12 +35,12 @@ type SandboxConfig struct {
 	// NoFile is the RLIMIT_NOFILE (soft and hard) functions run with.
 	NoFile int `yaml:"nofile"`
 	// Network is what functions may reach.
-	Network NetworkMode `yaml:"network"`
+	Network sandbox.NetworkMode `yaml:"network"`
 	// NetworkDeny adds destinations to what the filtered policy refuses.
 	NetworkDeny []netip.Prefix `yaml:"network_deny"`
 	// NetworkAllow opens destinations the filtered policy would refuse
 	// (a sidecar on the node), and wins over NetworkDeny.
-	NetworkAllow []NetworkException `yaml:"network_allow"`
+	NetworkAllow []sandbox.NetworkException `yaml:"network_allow"`
 }
 
 func defaultSandboxConfig() SandboxConfig {
@@ -56,9 +49,9 @@ func defaultSandboxConfig() SandboxConfig {
 		PidsLimit: sandbox.DefaultPidsLimit,
 		KillGrace: sandbox.DefaultKillGrace,
 		UIDRange:  UIDRange{Mode: UIDsAuto},
-		TmpSize:   DefaultTmpSize,
-		NoFile:    DefaultNoFile,
-		Network:   NetworkFiltered,
+		TmpSize:   sandbox.DefaultTmpSize,
+		NoFile:    sandbox.DefaultNoFile,
+		Network:   sandbox.NetworkFiltered,
 	}
 }
 
@@ -79,7 +72,7 @@ func (s SandboxConfig) validate() []error {
 	if s.NoFile < minNoFile || s.NoFile > maxNoFile {
 		errs = append(errs, keyError("nofile", "must be between %d and %d, got %d", minNoFile, maxNoFile, s.NoFile))
 	}
-	if err := new(NetworkMode).UnmarshalText([]byte(s.Network)); err != nil {
+	if _, err := sandbox.ParseNetworkMode(string(s.Network)); err != nil {
 		errs = append(errs, keyError("network", "%v", err))
 	}
 	for i, p := range s.NetworkDeny {
@@ -94,12 +87,12 @@ func (s SandboxConfig) validate() []error {
 	}
 	// The lists refine the filter; with none or host there is no filter,
 	// and a list that silently does nothing would mislead.
-	if s.Network != NetworkFiltered {
+	if s.Network != sandbox.NetworkFiltered {
 		if len(s.NetworkDeny) > 0 {
-			errs = append(errs, keyError("network_deny", "only applies with sandbox.network: %s (it is %s)", NetworkFiltered, s.Network))
+			errs = append(errs, keyError("network_deny", "only applies with sandbox.network: %s (it is %s)", sandbox.NetworkFiltered, s.Network))
 		}
 		if len(s.NetworkAllow) > 0 {
-			errs = append(errs, keyError("network_allow", "only applies with sandbox.network: %s (it is %s)", NetworkFiltered, s.Network))
+			errs = append(errs, keyError("network_allow", "only applies with sandbox.network: %s (it is %s)", sandbox.NetworkFiltered, s.Network))
 		}
 	}
 	return errs
@@ -118,28 +111,49 @@ func checkPrefix(p netip.Prefix) error {
 	return nil
 }
 
-// sandboxConfig is the sandbox section in the sandbox's terms: pids_limit 0
-// (none) becomes sandbox.NoPidsLimit, a FIRST-LAST uid_range a
-// sandbox.UIDRange.
-func (c *Config) sandboxConfig(logger *slog.Logger) sandbox.Config {
+// sandboxConfig is the sandbox section in the sandbox's terms: pids_limit
+// 0 (none) becomes sandbox.NoPidsLimit, tmp_size 0 (no size limit)
+// sandbox.NoTmpSizeLimit, uid_range auto a zero range (the sandbox reads the
+// runner's /etc/subuid entry) and shared SharedUID. protected resolves the
+// Redis servers no function may reach. The agent's own files (this config,
+// its TLS files, its log) are masked from functions.
+func (c *Config) sandboxConfig(logger *slog.Logger, protected func(context.Context) ([]netip.Addr, error)) sandbox.Config {
 	pids := c.Sandbox.PidsLimit
 	if pids == 0 {
 		pids = sandbox.NoPidsLimit
 	}
-	// auto is resolved from /etc/subuid by the sandbox; until
-	// sandbox.Config can say auto, it runs as shared did before.
-	var uids sandbox.UIDRange
-	if r := c.Sandbox.UIDRange; r.Mode == UIDsFixed {
-		uids = sandbox.UIDRange{First: r.First, Count: r.Count}
+	tmp := int64(c.Sandbox.TmpSize)
+	if tmp == 0 {
+		tmp = sandbox.NoTmpSizeLimit
 	}
-	return sandbox.Config{
+	cfg := sandbox.Config{
+		Name:       c.AgentID,
 		CgroupRoot: c.Sandbox.CgroupRoot,
 		User:       c.Sandbox.RunAsUser,
-		UIDs:       uids,
 		PidsLimit:  pids,
+		NoFile:     uint64(c.Sandbox.NoFile),
+		TmpSize:    tmp,
+		Network: sandbox.NetworkPolicy{
+			Mode:      c.Sandbox.Network,
+			Deny:      c.Sandbox.NetworkDeny,
+			Allow:     c.Sandbox.NetworkAllow,
+			Protected: protected,
+		},
 		ScratchDir: c.Sandbox.ScratchDir,
 		Logger:     logger,
 	}
+	switch r := c.Sandbox.UIDRange; r.Mode {
+	case UIDsFixed:
+		cfg.UIDs = sandbox.UIDRange{First: r.First, Count: r.Count}
+	case UIDsShared:
+		cfg.SharedUID = true
+	}
+	for _, p := range []string{c.path, c.TLS.CACert, c.TLS.CertFile, c.TLS.KeyFile, c.Log.File, c.Admin.TokenFile} {
+		if p != "" {
+			cfg.MaskPaths = append(cfg.MaskPaths, p)
+		}
+	}
+	return cfg
 }
 
 // UIDRange is sandbox.uid_range: where each running execution's uid comes
@@ -225,109 +239,3 @@ func (r UIDRange) MarshalText() ([]byte, error) {
 	}
 	return fmt.Appendf(nil, "%d-%d", r.First, uint64(r.First)+uint64(r.Count)-1), nil
 }
-
-// NetworkMode is sandbox.network: what functions may reach.
-type NetworkMode string
-
-// sandbox.network's values.
-const (
-	// NetworkFiltered lets functions reach other hosts and the internet,
-	// but not loopback, the node's own addresses, the agent's Redis
-	// servers, link-local ranges (cloud metadata) or network_deny; the
-	// exceptions are network_allow.
-	NetworkFiltered NetworkMode = "filtered"
-	// NetworkNone gives functions no network but their own loopback.
-	NetworkNone NetworkMode = "none"
-	// NetworkHost gives functions the node's network as it is, the
-	// agent's Redis and every local service included. Unsafe.
-	NetworkHost NetworkMode = "host"
-)
-
-// UnmarshalText implements encoding.TextUnmarshaler.
-func (m *NetworkMode) UnmarshalText(text []byte) error {
-	switch s := NetworkMode(strings.ToLower(strings.TrimSpace(string(text)))); s {
-	case NetworkFiltered, NetworkNone, NetworkHost:
-		*m = s
-		return nil
-	}
-	return fmt.Errorf("%q must be %s, %s or %s", text, NetworkFiltered, NetworkNone, NetworkHost)
-}
-
-// NetworkException is one entry of sandbox.network_allow: an address or
-// network, and a port or every port. Written ADDR, ADDR:PORT, CIDR or
-// CIDR:PORT; an IPv6 one with a port in brackets: [fd00::1]:8080.
-type NetworkException struct {
-	Prefix netip.Prefix
-	Port   uint16 // 0: every port
-}
-
-// UnmarshalText implements encoding.TextUnmarshaler.
-func (e *NetworkException) UnmarshalText(text []byte) error {
-	s := strings.TrimSpace(string(text))
-	dest, port, hasPort := s, "", false
-	switch {
-	case strings.HasPrefix(s, "["):
-		end := strings.Index(s, "]")
-		if end < 0 {
-			return fmt.Errorf("%q: no closing ]", text)
-		}
-		dest = s[1:end]
-		if rest := s[end+1:]; rest != "" {
-			if port, hasPort = strings.CutPrefix(rest, ":"); !hasPort {
-				return fmt.Errorf("%q: want [IPv6]:PORT", text)
-			}
-		}
-	case strings.Count(s, ":") == 1: // IPv4 with a port; IPv6 has more colons
-		dest, port, hasPort = strings.Cut(s, ":")
-	}
-	prefix, err := parseDestination(dest)
-	if err != nil {
-		return fmt.Errorf("%q: %w", text, err)
-	}
-	var p uint64
-	if hasPort {
-		if p, err = strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
-			return fmt.Errorf("%q: port %q is not 1-65535", text, port)
-		}
-	}
-	*e = NetworkException{Prefix: prefix, Port: uint16(p)}
-	return nil
-}
-
-// parseDestination reads an address (one host) or a CIDR.
-func parseDestination(s string) (netip.Prefix, error) {
-	if strings.Contains(s, "/") {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("%q is not an address or a CIDR", s)
-		}
-		return p, nil
-	}
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("%q is not an address or a CIDR", s)
-	}
-	if a.Zone() != "" {
-		return netip.Prefix{}, fmt.Errorf("%q: zones are not supported", s)
-	}
-	return netip.PrefixFrom(a, a.BitLen()), nil
-}
-
-// String writes the exception the way UnmarshalText reads it.
-func (e NetworkException) String() string {
-	dest := e.Prefix.String()
-	if e.Prefix.IsSingleIP() {
-		dest = e.Prefix.Addr().String()
-	}
-	switch {
-	case e.Port == 0:
-		return dest
-	case e.Prefix.Addr().Is6():
-		return "[" + dest + "]:" + strconv.Itoa(int(e.Port))
-	default:
-		return dest + ":" + strconv.Itoa(int(e.Port))
-	}
-}
-
-// MarshalText implements encoding.TextMarshaler.
-func (e NetworkException) MarshalText() ([]byte, error) { return []byte(e.String()), nil }

@@ -62,6 +62,7 @@ tls:
 		KeyFile:  "/home/admin/flux-agent/tls/agent-key.pem",
 	}
 	want.dir = filepath.Dir(path)
+	want.path = path
 	if diff := cmp.Diff(want, cfg, configCmp...); diff != "" {
 		t.Errorf("config (-want +got):\n%s", diff)
 	}

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"runtime"
 	"time"
@@ -150,7 +151,10 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 		return fmt.Errorf("redis tracing: %w", err)
 	}
 
-	sb, err := sandbox.New(cfg.sandboxConfig(logger))
+	redisAddrs := func(ctx context.Context) ([]netip.Addr, error) {
+		return service.RedisAddresses(ctx, rdb, redisOpts.Addrs)
+	}
+	sb, err := sandbox.New(cfg.sandboxConfig(logger, redisAddrs))
 	if err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
