@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -39,12 +40,29 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "flux-agent-e2e-")
+	// Functions see a /tmp of their own (as root, with mount namespaces):
+	// apps dirs, triggers and every other file a test shares with its
+	// functions must live elsewhere. All temp dirs of the run go under one
+	// dir, removed at the end.
+	parent := os.TempDir()
+	if os.Geteuid() == 0 {
+		parent = "/var/lib/flux-agent-tests"
+		if err := os.MkdirAll(parent, 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	dir, err := os.MkdirTemp(parent, "e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	os.Setenv("TMPDIR", dir)
 	agentBinary = filepath.Join(dir, "flux-agent")
 	build := exec.Command("go", "build", "-race", "-o", agentBinary, "-ldflags", "-X main.version=e2e-test", "..")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
@@ -135,6 +153,30 @@ func waitUntil(timeout time.Duration, cond func() bool) bool {
 	}
 }
 
+// agentCount numbers the agents of the run: each has an id (and so a
+// network table) of its own.
+var agentCount atomic.Int64
+
+// uidBlocks hands each agent of the run a uid range of its own; the
+// sandbox's tests, which may run at the same time, use another part of
+// the uid space.
+var uidBlocks atomic.Uint32
+
+func nextUIDRange() string {
+	const size = 256
+	first := 3_100_000 + uidBlocks.Add(size) - size
+	return fmt.Sprintf("%d-%d", first, first+size-1)
+}
+
+// testNetwork is the network policy of test agents: filtered as in
+// production, or host where the tests cannot install one (not root).
+func testNetwork() string {
+	if os.Geteuid() != 0 {
+		return "host"
+	}
+	return "filtered"
+}
+
 // agentOptions shape one agent process.
 type agentOptions struct {
 	// YAML is appended to the generated config (ports, Redis, apps dir).
@@ -193,7 +235,7 @@ func startAgent(t testing.TB, rs *redisServer, opts agentOptions) *agent {
 		opts.AppsDir = filepath.Join(dir, "apps")
 	}
 	if opts.AgentID == "" {
-		opts.AgentID = "e2e-" + strconv.Itoa(os.Getpid())
+		opts.AgentID = fmt.Sprintf("e2e-%d-%d", os.Getpid(), agentCount.Add(1))
 	}
 	cfg := fmt.Sprintf(`agent_id: %s
 listen_address: 127.0.0.1
@@ -204,9 +246,11 @@ telemetry:
   metrics_address: "127.0.0.1:0"
 sandbox:
   scratch_dir: %s
+  uid_range: %s
+  network: %s
 log:
   level: debug
-`, opts.AgentID, rs.Addr, opts.AppsDir, dir)
+`, opts.AgentID, rs.Addr, opts.AppsDir, dir, nextUIDRange(), testNetwork())
 	cfg = mergeYAML(cfg, opts.YAML)
 	configPath := filepath.Join(dir, "agent.yaml")
 	if err := os.WriteFile(configPath, []byte(cfg), 0o600); err != nil {

@@ -58,7 +58,7 @@ type host struct {
 	byUID map[uint32]*box
 }
 
-func newHost(cfg Config) (h *host, err error) {
+func newHost(cfg Config) (_ *host, err error) {
 	proc, err := procfs.NewFS("/proc")
 	if err != nil {
 		return nil, fmt.Errorf("procfs: %w", err)
@@ -70,7 +70,9 @@ func newHost(cfg Config) (h *host, err error) {
 	if err != nil {
 		return nil, err
 	}
-	h = &host{
+	// h is undone on every failure; the named result stays nil until the
+	// end, so the cleanup never sees a nil host.
+	h := &host{
 		cfg:      cfg,
 		log:      cfg.Logger,
 		instance: identity + "-" + strconv.FormatUint(sandboxCount.Add(1), 10),
