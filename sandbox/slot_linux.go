@@ -93,10 +93,13 @@ type slotPool struct {
 	uids   *uidPool // nil: every slot runs as the runner (or the agent)
 	passwd []byte   // the host's /etc/passwd, read once
 
-	mu          sync.Mutex
-	free        []*slot // most recently used last
-	live        int     // slots made and not ended
-	inUse       int
+	mu    sync.Mutex
+	free  []*slot // most recently used last
+	live  int     // slots made and not ended
+	inUse int
+	// returned is closed (and replaced) whenever a slot comes back, for
+	// takers that cannot make one (every uid is held by a slot) and wait.
+	returned    chan struct{}
 	peaks       [2]int // highest inUse in this window and the one before
 	windowStart time.Time
 	nextID      int
@@ -108,7 +111,7 @@ type slotPool struct {
 }
 
 func newSlotPool(h *host, uids UIDRange) *slotPool {
-	return &slotPool{h: h, wake: make(chan struct{}, 1), quit: make(chan struct{}), windowStart: time.Now()}
+	return &slotPool{h: h, wake: make(chan struct{}, 1), quit: make(chan struct{}), returned: make(chan struct{}), windowStart: time.Now()}
 }
 
 // start makes the first spare slots, so a host that cannot make them fails
@@ -140,25 +143,40 @@ func (p *slotPool) start() error {
 	return nil
 }
 
-// take hands out a free slot, or makes one when none is (cold).
+// take hands out a free slot, or makes one when none is (cold). When no
+// slot can be made because every uid belongs to a slot, it waits for one
+// of those still in use to come back.
 func (p *slotPool) take() (s *slot, cold bool, err error) {
 	p.mu.Lock()
-	if p.closed {
+	for {
+		if p.closed {
+			p.mu.Unlock()
+			return nil, false, ErrClosed
+		}
+		if n := len(p.free); n > 0 {
+			s = p.free[n-1]
+			p.free = p.free[:n-1]
+			p.inUse++
+			p.notePeak()
+			low := len(p.free) < p.spare()
+			p.mu.Unlock()
+			if low {
+				p.signal()
+			}
+			return s, false, nil
+		}
+		if p.uids == nil || p.uids.available() > 0 || p.live == 0 {
+			break
+		}
+		// Every uid is a slot's, and every slot is in use: the one that
+		// comes back first is ours.
+		returned := p.returned
 		p.mu.Unlock()
-		return nil, false, ErrClosed
+		<-returned
+		p.mu.Lock()
 	}
 	p.inUse++
 	p.notePeak()
-	if n := len(p.free); n > 0 {
-		s = p.free[n-1]
-		p.free = p.free[:n-1]
-		low := len(p.free) < p.spare()
-		p.mu.Unlock()
-		if low {
-			p.signal()
-		}
-		return s, false, nil
-	}
 	p.mu.Unlock()
 	p.signal()
 	slots, err := p.make(1)
@@ -191,6 +209,7 @@ func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
 	}
 	p.mu.Lock()
 	p.inUse--
+	defer p.wakeTakers()
 	if ok && !p.closed {
 		s.idleSince = time.Now()
 		p.free = append(p.free, s)
@@ -200,6 +219,15 @@ func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
 	p.live--
 	p.mu.Unlock()
 	p.end(s, gone)
+}
+
+// wakeTakers tells takers waiting for a slot that one came back (or that
+// its uid did).
+func (p *slotPool) wakeTakers() {
+	p.mu.Lock()
+	close(p.returned)
+	p.returned = make(chan struct{})
+	p.mu.Unlock()
 }
 
 // clean empties the slot's temporary dirs when the execution left
@@ -258,6 +286,9 @@ func (p *slotPool) fill() {
 		p.mu.Lock()
 		p.notePeak()
 		missing := p.spare() - len(p.free)
+		if p.uids != nil {
+			missing = min(missing, p.uids.available())
+		}
 		p.mu.Unlock()
 		if missing > 0 {
 			slots, err := p.make(missing)
@@ -502,6 +533,7 @@ func (p *slotPool) close() error {
 	for _, s := range free {
 		p.end(s, true)
 	}
+	p.wakeTakers()
 	p.wg.Wait()
 	return nil
 }

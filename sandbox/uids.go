@@ -98,6 +98,19 @@ func (p *uidPool) acquire() (uint32, error) {
 	return 0, ErrNoFreeUID
 }
 
+// available counts the uids no slot holds.
+func (p *uidPool) available() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, used := range p.used {
+		if !used {
+			n++
+		}
+	}
+	return n
+}
+
 func (p *uidPool) release(uid uint32) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
