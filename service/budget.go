@@ -24,10 +24,6 @@ type budgetWaiter struct {
 
 func newByteBudget(size int64) *byteBudget { return &byteBudget{size: size} }
 
-// clamp caps a request at the whole budget, so that any request can be met
-// once nothing else holds bytes.
-func (b *byteBudget) clamp(n int64) int64 { return min(n, b.size) }
-
 // tryAcquire takes n bytes if they are free now and nobody waits.
 func (b *byteBudget) tryAcquire(n int64) bool {
 	b.mu.Lock()
@@ -39,25 +35,22 @@ func (b *byteBudget) tryAcquire(n int64) bool {
 	return false
 }
 
-// acquire takes n bytes (at most the whole budget: see clamp), waiting for
-// them until ctx is done.
-func (b *byteBudget) acquire(ctx context.Context, n int64) error {
-	n = b.clamp(n)
-	if b.tryAcquire(n) {
-		return nil
-	}
+// acquire takes n bytes, or the whole budget when n is more, waiting for
+// them until ctx is done; it returns what it took.
+func (b *byteBudget) acquire(ctx context.Context, n int64) (int64, error) {
+	n = min(n, b.size)
 	b.mu.Lock()
-	if b.waiters.Len() == 0 && b.used+n <= b.size { // freed meanwhile
+	if b.waiters.Len() == 0 && b.used+n <= b.size {
 		b.used += n
 		b.mu.Unlock()
-		return nil
+		return n, nil
 	}
 	w := &budgetWaiter{n: n, ready: make(chan struct{})}
 	elem := b.waiters.PushBack(w)
 	b.mu.Unlock()
 	select {
 	case <-w.ready:
-		return nil
+		return n, nil
 	case <-ctx.Done():
 		b.mu.Lock()
 		select {
@@ -68,16 +61,18 @@ func (b *byteBudget) acquire(ctx context.Context, n int64) error {
 		}
 		b.grant()
 		b.mu.Unlock()
-		return ctx.Err()
+		return 0, ctx.Err()
 	}
 }
 
-// release returns n bytes taken by tryAcquire or acquire (clamped the same
-// way).
+// release gives back n bytes taken by tryAcquire or acquire.
 func (b *byteBudget) release(n int64) {
+	if n == 0 {
+		return
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.used -= b.clamp(n)
+	b.used -= n
 	b.grant()
 }
 

@@ -278,7 +278,7 @@ func TestQueueOrderAndRaisedLimit(t *testing.T) {
 		return &fluxpb.FunctionConfig{Name: "q", MaxConcurrency: limit, MaxConcurrencyBehavior: BehaviorWait}
 	}
 	h.register(t, cfg(1), runsUntilCancelled(""))
-	ids := []string{"exc-0", "exc-1", "exc-2", "exc-3"}
+	ids := []string{"exc-0", "exc-1", "exc-2", "exc-3", "exc-4"}
 	for _, id := range ids {
 		if _, err := h.execute(t, "q", id, true); err != nil {
 			t.Fatal(err)
@@ -291,23 +291,30 @@ func TestQueueOrderAndRaisedLimit(t *testing.T) {
 		}
 		return got
 	}
-	waitFor(5*time.Second, func() bool { return len(startedIDs()) == 1 })
-	cancelExecution(t, h, "exc-0", true)
-	if !waitFor(5*time.Second, func() bool { return len(startedIDs()) == 2 }) {
-		t.Fatal("the next queued execution did not start")
+	for i := 1; i <= 3; i++ {
+		if !waitFor(5*time.Second, func() bool { return len(startedIDs()) == i }) {
+			t.Fatalf("started %v, want %d", startedIDs(), i)
+		}
+		if diff := cmp.Diff(ids[:i], startedIDs()); diff != "" {
+			t.Fatalf("start order (-want +got):\n%s", diff)
+		}
+		if i < 3 {
+			cancelExecution(t, h, ids[i-1], true)
+		}
 	}
-	rec := h.waitRecord(t, "exc-1", "dequeued", func(r *Record) bool { return !r.Queued })
-	if rec.Status != StatusRunning {
+	rec := h.waitRecord(t, "exc-2", "dequeued", func(r *Record) bool { return !r.Queued })
+	if rec.Status != StatusRunning || rec.QueuedMS == 0 && rec.StartedAt.IsZero() {
 		t.Errorf("dequeued record: %+v", rec)
 	}
+	if rec := h.record(t, "exc-3"); !rec.Queued {
+		t.Errorf("exc-3 should still wait: %+v", rec)
+	}
+	// Re-registered with a limit of 3: both waiters start at once.
 	h.register(t, cfg(3), runsUntilCancelled(""))
-	if !waitFor(5*time.Second, func() bool { return len(startedIDs()) == 4 }) {
+	if !waitFor(5*time.Second, func() bool { return len(startedIDs()) == 5 }) {
 		t.Fatalf("a raised limit did not start the queue: %v", startedIDs())
 	}
-	if diff := cmp.Diff(ids, startedIDs()); diff != "" {
-		t.Errorf("start order (-want +got):\n%s", diff)
-	}
-	for _, id := range ids[1:] {
+	for _, id := range ids[2:] {
 		cancelExecution(t, h, id, true)
 	}
 }
@@ -436,16 +443,16 @@ func TestSyncReplyBudget(t *testing.T) {
 // instead of each building a copy; one whose deadline passes while it
 // waits gets DeadlineExceeded.
 func TestGetExecutionBudget(t *testing.T) {
-	h := newHarness(t, func(o *Options) { o.ReplyBytes = 4 << 20 })
+	h := newHarness(t, func(o *Options) { o.ReplyBytes = 3 << 20 })
 	control := strings.Repeat("\x01", 256<<10)
 	h.register(t, &fluxpb.FunctionConfig{Name: "ctl"}, exits(0, control))
 	h.execute(t, "ctl", "exc-1", false)
 	cost := replyCost(256 << 10)
-	if cost > 4<<20 || 2*cost <= 4<<20 {
+	if cost > 3<<20 || 2*cost <= 3<<20 {
 		t.Fatalf("the test needs one reply to fit the budget and two not to: cost %d", cost)
 	}
 	// One caller holds the budget; the next waits past its deadline.
-	if err := h.svc.replies.acquire(context.Background(), cost); err != nil {
+	if _, err := h.svc.replies.acquire(context.Background(), cost); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
@@ -458,7 +465,9 @@ func TestGetExecutionBudget(t *testing.T) {
 	results := make(chan error, 8)
 	for range 8 {
 		go func() {
-			resp, err := h.svc.GetExecution(context.Background(), &fluxpb.GetExecutionRequest{ExecutionId: "exc-1"})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			resp, err := h.svc.GetExecution(ctx, &fluxpb.GetExecutionRequest{ExecutionId: "exc-1"})
 			if err == nil && !strings.Contains(string(resp.GetData()), `\u0001\u0001`) {
 				err = status.Error(codes.Internal, "wrong record")
 			}

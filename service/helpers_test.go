@@ -343,8 +343,8 @@ func newHarness(t *testing.T, edit func(*Options)) *harness {
 		if running, queued := svc.slots.counts(); running != 0 || queued != 0 {
 			t.Errorf("slots still held: %d running, %d queued", running, queued)
 		}
-		if used := svc.syncOutput.inUse() + svc.replies.inUse(); used != 0 {
-			t.Errorf("%d bytes of memory budget not given back", used)
+		if !waitFor(5*time.Second, func() bool { return svc.syncOutput.inUse()+svc.replies.inUse() == 0 }) {
+			t.Errorf("%d bytes of memory budget not given back", svc.syncOutput.inUse()+svc.replies.inUse())
 		}
 	})
 	return h
@@ -373,7 +373,9 @@ func (h *harness) execute(t *testing.T, function, id string, async bool) (*fluxp
 // record reads an execution's record through GetExecution, or nil.
 func (h *harness) record(t *testing.T, id string) *Record {
 	t.Helper()
-	resp, err := h.svc.GetExecution(context.Background(), &fluxpb.GetExecutionRequest{ExecutionId: id})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // the call is over: its reply's memory goes back
+	resp, err := h.svc.GetExecution(ctx, &fluxpb.GetExecutionRequest{ExecutionId: id})
 	if err != nil {
 		t.Fatalf("get %s: %v", id, err)
 	}

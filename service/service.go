@@ -42,7 +42,7 @@ const (
 	// DefaultReplyBytes bounds the GetExecution replies being built at
 	// once: enough for the largest (a 48 MiB record built from its output)
 	// or many ordinary ones.
-	DefaultReplyBytes = 128 << 20
+	DefaultReplyBytes = 96 << 20
 )
 
 // ShutdownAfterGrace bounds what Shutdown does once its grace is over:
@@ -113,6 +113,7 @@ type Service struct {
 	slots      *slots
 	syncOutput *byteBudget
 	replies    *byteBudget
+	sending    sync.Map // *fluxpb.GetExecutionResponse → its *replyTicket
 	metrics    Metrics
 	tracer     trace.Tracer
 	logger     *slog.Logger
@@ -405,6 +406,9 @@ func toStatus(err error) error {
 		return status.Error(grpccodes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrDuplicateExecution):
 		return status.Error(grpccodes.AlreadyExists, err.Error())
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		// The caller's deadline passed while the agent waited on Redis.
+		return status.FromContextError(err).Err()
 	default:
 		// The agent cannot work right now (shutting down, Redis down): Flux
 		// shows it as a failure to reach the agent, which it is.
