@@ -427,7 +427,9 @@ func (s *Service) start(e *execution) (Process, error) {
 // resume lets the held process run, unless the execution was cancelled
 // meanwhile: then it is killed before the function's first instruction.
 func (s *Service) resume(e *execution, proc Process) error {
-	e.logger.DebugContext(e.ctx, "execution started", "pid", proc.Pid(), "version", e.code.Version)
+	if e.logger.Enabled(e.ctx, slog.LevelDebug) {
+		e.logger.DebugContext(e.ctx, "execution started", "pid", proc.Pid(), "version", e.code.Version)
+	}
 	// Under mu, so that a cancel either comes before (and the process
 	// never runs) or finds it to kill.
 	e.mu.Lock()

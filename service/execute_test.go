@@ -1,3 +1,8 @@
+//go:build !windows
+
+// The lifecycle tests run a real redis-server and stop it with SIGSTOP:
+// they are built where both exist.
+
 package service
 
 import (

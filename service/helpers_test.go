@@ -1,3 +1,8 @@
+//go:build !windows
+
+// The lifecycle tests run a real redis-server and stop it with SIGSTOP:
+// they are built where both exist.
+
 package service
 
 import (
@@ -33,7 +38,7 @@ type testRedis struct {
 	client *redis.Client
 }
 
-func startRedis(t *testing.T) *testRedis {
+func startRedis(t testing.TB) *testRedis {
 	t.Helper()
 	path, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -91,7 +96,7 @@ func startRedis(t *testing.T) *testRedis {
 }
 
 // newClient is a client as the agent configures its own.
-func (r *testRedis) newClient(t *testing.T, hooks ...redis.Hook) *redis.Client {
+func (r *testRedis) newClient(t testing.TB, hooks ...redis.Hook) *redis.Client {
 	t.Helper()
 	c := redis.NewClient(&redis.Options{Addr: r.addr, ContextTimeoutEnabled: true, MaxRetries: -1})
 	for _, h := range hooks {
@@ -102,7 +107,7 @@ func (r *testRedis) newClient(t *testing.T, hooks ...redis.Hook) *redis.Client {
 }
 
 // commandCalls reads the server's count of each command since start.
-func (r *testRedis) commandCalls(t *testing.T) map[string]int {
+func (r *testRedis) commandCalls(t testing.TB) map[string]int {
 	t.Helper()
 	info, err := r.client.Info(context.Background(), "commandstats").Result()
 	if err != nil {
@@ -138,18 +143,6 @@ func (r *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 		r.n.Add(1)
 		return next(ctx, cmds)
 	}
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return true
 }
 
 // script is what a fake process does once resumed: it may write to out
@@ -268,15 +261,6 @@ func envValue(env []string, key string) string {
 	return ""
 }
 
-func isClosed(c <-chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
-}
-
 // fakeCode has every function deployed at version v1, its handler at
 // /code/<function>/handler, and counts the pins held.
 type fakeCode struct{ leases atomic.Int64 }
@@ -312,7 +296,7 @@ type harness struct {
 
 // newHarness starts a Service; change opts before it is built with edit.
 // At the end of the test the service is shut down and must hold nothing.
-func newHarness(t *testing.T, edit func(*Options)) *harness {
+func newHarness(t testing.TB, edit func(*Options)) *harness {
 	t.Helper()
 	h := &harness{redis: startRedis(t), sb: newFakeSandbox(), code: &fakeCode{}, trips: &roundTrips{}}
 	opts := Options{
@@ -351,7 +335,7 @@ func newHarness(t *testing.T, edit func(*Options)) *harness {
 }
 
 // register registers a function whose process runs s.
-func (h *harness) register(t *testing.T, cfg *fluxpb.FunctionConfig, s script) {
+func (h *harness) register(t testing.TB, cfg *fluxpb.FunctionConfig, s script) {
 	t.Helper()
 	if cfg.Handler == "" {
 		cfg.Handler = "handler"
@@ -363,7 +347,7 @@ func (h *harness) register(t *testing.T, cfg *fluxpb.FunctionConfig, s script) {
 	h.sb.setScript(cfg.GetName(), s)
 }
 
-func (h *harness) execute(t *testing.T, function, id string, async bool) (*fluxpb.ExecutionResponse, error) {
+func (h *harness) execute(t testing.TB, function, id string, async bool) (*fluxpb.ExecutionResponse, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -371,7 +355,7 @@ func (h *harness) execute(t *testing.T, function, id string, async bool) (*fluxp
 }
 
 // record reads an execution's record through GetExecution, or nil.
-func (h *harness) record(t *testing.T, id string) *Record {
+func (h *harness) record(t testing.TB, id string) *Record {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel() // the call is over: its reply's memory goes back
@@ -390,7 +374,7 @@ func (h *harness) record(t *testing.T, id string) *Record {
 }
 
 // waitRecord waits until the record of id satisfies cond.
-func (h *harness) waitRecord(t *testing.T, id string, what string, cond func(*Record) bool) *Record {
+func (h *harness) waitRecord(t testing.TB, id string, what string, cond func(*Record) bool) *Record {
 	t.Helper()
 	var rec *Record
 	if !waitFor(5*time.Second, func() bool {

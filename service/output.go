@@ -82,6 +82,8 @@ type outputStream struct {
 	unwritten *outputPiece
 	pooled    []*[]byte // buffers to give back to chunkPool
 
+	// Made with the flush goroutine, at the first output: most executions
+	// print little or nothing.
 	ready   chan struct{} // there is output to send
 	room    chan struct{} // a buffer came back
 	urge    chan struct{} // a Write waits: flush now
@@ -92,12 +94,7 @@ type outputStream struct {
 
 func newOutputStream(ctx context.Context, limit int64, budget *byteBudget, logger *slog.Logger,
 	write func(ctx context.Context, offset int64, chunk []byte) error) *outputStream {
-	return &outputStream{
-		limit: limit, budget: budget, keeping: budget != nil,
-		write: write, ctx: ctx, logger: logger,
-		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), urge: make(chan struct{}, 1),
-		release: make(chan struct{}), quit: make(chan struct{}), done: make(chan struct{}),
-	}
+	return &outputStream{limit: limit, budget: budget, keeping: budget != nil, write: write, ctx: ctx, logger: logger}
 }
 
 // Write implements io.Writer for the sandbox. It never fails: output past
@@ -125,6 +122,11 @@ func (o *outputStream) add(b []byte) {
 	}
 	if !o.flushing && !o.stopped {
 		o.flushing = true
+		o.ready, o.room, o.urge = make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{}, 1)
+		o.release, o.quit, o.done = make(chan struct{}), make(chan struct{}), make(chan struct{})
+		if o.released {
+			close(o.release)
+		}
 		go o.flush()
 	}
 	if o.keeping && o.keep(b) {
@@ -289,7 +291,9 @@ func (o *outputStream) releaseWriters() {
 	defer o.mu.Unlock()
 	if !o.released {
 		o.released = true
-		close(o.release)
+		if o.release != nil {
+			close(o.release)
+		}
 	}
 }
 
