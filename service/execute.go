@@ -349,11 +349,19 @@ func (s *Service) launch(e *execution) {
 	}
 	proc, startErr := s.start(e)
 	if err := e.claimed(); err != nil {
-		if proc != nil { // held: it dies without running the function
+		// The id is another execution's: nothing of this one is stored.
+		// The process is held, so it dies without running the function.
+		if e.out != nil {
+			e.out.releaseWriters()
+		}
+		if proc != nil {
 			proc.Cancel()
 			<-proc.Done()
 		}
 		return
+	}
+	if e.out != nil {
+		e.out.open()
 	}
 	if startErr != nil {
 		s.finish(e, nil, startErr)

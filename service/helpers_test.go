@@ -175,6 +175,9 @@ type fakeSandbox struct {
 	gate chan struct{}
 	// starting receives each spec as Start begins.
 	starting chan sandbox.Spec
+	// runsAtOnce makes processes run without waiting for Resume, as
+	// today's sandbox does until it can hold them.
+	runsAtOnce bool
 }
 
 func newFakeSandbox() *fakeSandbox { return &fakeSandbox{scripts: map[string]script{}} }
@@ -187,7 +190,7 @@ func (f *fakeSandbox) setScript(function string, s script) {
 
 func (f *fakeSandbox) Start(ctx context.Context, spec sandbox.Spec) (Process, error) {
 	f.mu.Lock()
-	gate, starting, run := f.gate, f.starting, f.scripts[spec.Path]
+	gate, starting, run, atOnce := f.gate, f.starting, f.scripts[spec.Path], f.runsAtOnce
 	f.mu.Unlock()
 	if starting != nil {
 		starting <- spec
@@ -199,6 +202,9 @@ func (f *fakeSandbox) Start(ctx context.Context, spec sandbox.Spec) (Process, er
 		return nil, fmt.Errorf("%w: no script for %s", sandbox.ErrInvalidSpec, spec.Path)
 	}
 	p := &fakeProcess{spec: spec, resumed: make(chan struct{}), cancel: make(chan struct{}), done: make(chan struct{})}
+	if atOnce {
+		p.Resume()
+	}
 	f.mu.Lock()
 	f.started = append(f.started, p)
 	f.mu.Unlock()

@@ -76,14 +76,14 @@ type outputStream struct {
 	spare     []byte // an empty buffer; nil while it is being written
 	blocked   bool   // a Write waits for a buffer
 	released  bool   // Write never waits again
+	opened    bool   // the output may go to Redis
 	stopped   bool
 	lost      int64 // bytes dropped once released
 	flushing  bool  // the flush goroutine runs
 	unwritten *outputPiece
 	pooled    []*[]byte // buffers to give back to chunkPool
 
-	// Made with the flush goroutine, at the first output: most executions
-	// print little or nothing.
+	// Made at the first output: most executions print little or nothing.
 	ready   chan struct{} // there is output to send
 	room    chan struct{} // a buffer came back
 	urge    chan struct{} // a Write waits: flush now
@@ -120,15 +120,14 @@ func (o *outputStream) add(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	if !o.flushing && !o.stopped {
-		o.flushing = true
+	if o.ready == nil {
 		o.ready, o.room, o.urge = make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{}, 1)
 		o.release, o.quit, o.done = make(chan struct{}), make(chan struct{}), make(chan struct{})
 		if o.released {
 			close(o.release)
 		}
-		go o.flush()
 	}
+	o.startFlushing()
 	if o.keeping && o.keep(b) {
 		signal(o.ready)
 		return
@@ -162,6 +161,24 @@ func (o *outputStream) add(b []byte) {
 		case <-o.release:
 		}
 		o.mu.Lock()
+	}
+}
+
+// open lets the output go to Redis: until the execution's id is claimed
+// it is not the execution's to write (the id may be another's).
+func (o *outputStream) open() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.opened = true
+	o.startFlushing()
+}
+
+// startFlushing starts the flush goroutine once there is output and the
+// stream is open; mu held.
+func (o *outputStream) startFlushing() {
+	if o.opened && o.ready != nil && !o.flushing && !o.stopped {
+		o.flushing = true
+		go o.flush()
 	}
 }
 

@@ -59,7 +59,9 @@ func (s *storedOutput) finish(rest []outputPiece) string {
 }
 
 func newTestStream(limit int64, budget *byteBudget, store *storedOutput) *outputStream {
-	return newOutputStream(context.Background(), limit, budget, slog.New(slog.DiscardHandler), store.write)
+	o := newOutputStream(context.Background(), limit, budget, slog.New(slog.DiscardHandler), store.write)
+	o.open()
+	return o
 }
 
 func TestOutputLimit(t *testing.T) {
