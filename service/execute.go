@@ -306,16 +306,18 @@ func (s *Service) refuse(ctx context.Context, req *fluxpb.ExecutionRequest, caus
 
 // run is the goroutine that owns an admitted execution: it waits for its
 // slot if it is queued, launches it, and retires it.
+//
+// A sync caller waits for the process: it starts while the id is claimed.
+// An async caller waits for the claim only: the process starts after it,
+// so as not to compete with it for the CPU.
 func (s *Service) run(e *execution) {
 	defer s.retire(e)
-	if e.rec.Queued {
-		if e.claimed() != nil {
-			return // the id is not ours: no record to write
-		}
-		if !s.waitForSlot(e) {
-			s.finish(e, nil, nil)
-			return
-		}
+	if e.async && e.claimed() != nil {
+		return // the id is not ours: no record to write
+	}
+	if e.rec.Queued && !s.waitForSlot(e) {
+		s.finish(e, nil, nil)
+		return
 	}
 	s.launch(e)
 }
@@ -338,8 +340,8 @@ func (s *Service) waitForSlot(e *execution) bool {
 	}
 }
 
-// launch starts the process held, lets it run once its id is claimed,
-// waits for it and finishes the execution.
+// launch starts the process held, lets it run once its id is claimed (if
+// it is not already), waits for it and finishes the execution.
 func (s *Service) launch(e *execution) {
 	dequeued := e.rec.Queued
 	if dequeued {
