@@ -458,12 +458,12 @@ func TestSyncReplyBudget(t *testing.T) {
 // instead of each building a copy; one whose deadline passes while it
 // waits gets DeadlineExceeded.
 func TestGetExecutionBudget(t *testing.T) {
-	h := newHarness(t, func(o *Options) { o.ReplyBytes = 3 << 20 })
+	h := newHarness(t, func(o *Options) { o.ReplyBytes = 4 << 20 })
 	control := strings.Repeat("\x01", 256<<10)
 	h.register(t, &fluxpb.FunctionConfig{Name: "ctl"}, exits(0, control))
 	h.execute(t, "ctl", "exc-1", false)
-	cost := replyCost(256 << 10)
-	if cost > 3<<20 || 2*cost <= 3<<20 {
+	cost := replyCost(256<<10, 2)
+	if cost > 4<<20 || 2*cost <= 4<<20 {
 		t.Fatalf("the test needs one reply to fit the budget and two not to: cost %d", cost)
 	}
 	// One caller holds the budget; the next waits past its deadline.

@@ -24,7 +24,8 @@ const replyHeadBytes = 64 << 10
 // the memory it takes comes from the node's reply budget first: many
 // callers polling a large record wait their turn, within their deadline,
 // instead of multiplying the agent's memory. The record's share is given
-// back once gRPC has sent it (with ServerCodec) or the call is over.
+// back once gRPC has sent it (with ServerCodec) or the call is over
+// (without, the budget also counts gRPC's copy of the record).
 func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequest) (*fluxpb.GetExecutionResponse, error) {
 	id := req.GetExecutionId()
 	if !executionIDPattern.MatchString(id) {
@@ -39,7 +40,11 @@ func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequ
 		return &fluxpb.GetExecutionResponse{Found: false}, nil
 	}
 	waitCtx, span := s.tracer.Start(ctx, spanReplyWait)
-	held, err := s.replies.acquire(waitCtx, replyCost(sr.outputLen))
+	copies := int64(2) // the record, and gRPC's encoding of it
+	if s.zeroCopy.Load() {
+		copies = 1
+	}
+	held, err := s.replies.acquire(waitCtx, replyCost(sr.outputLen, copies))
 	if err != nil {
 		span.SetStatus(codes.Error, err.Error())
 	}
@@ -61,7 +66,7 @@ func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequ
 		return nil, toStatus(err)
 	}
 	// The output read is garbage now; the record is held until it is sent.
-	kept := min(held, int64(len(data)))
+	kept := min(held, copies*int64(len(data)))
 	s.replies.release(held - kept)
 	resp := &fluxpb.GetExecutionResponse{Found: true, Data: data}
 	t := &replyTicket{budget: s.replies, n: kept}
@@ -75,11 +80,11 @@ func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequ
 }
 
 // replyCost is the memory a reply with outputLen bytes of output may take:
-// the output as read, and the record (each output byte may take six in
-// JSON, up to the record's bound).
-func replyCost(outputLen int64) int64 {
+// the output as read, and copies of the record (each output byte may take
+// six in JSON, up to the record's bound).
+func replyCost(outputLen, copies int64) int64 {
 	const recordOverhead = 4 << 10 // the record's other fields
-	return outputLen + min(6*outputLen+recordOverhead, maxRecordBytes)
+	return outputLen + copies*min(6*outputLen+recordOverhead, maxRecordBytes)
 }
 
 // replyTicket is a reply's share of the reply budget. As the pool of the
@@ -107,6 +112,7 @@ func (t *replyTicket) Put(*[]byte) { t.once.Do(func() { t.budget.release(t.n) })
 // it. Without it replies are still bounded while they are built, but not
 // while gRPC sends its copy. Pass it with grpc.ForceServerCodecV2.
 func (s *Service) ServerCodec() encoding.CodecV2 {
+	s.zeroCopy.Store(true)
 	return replyCodec{CodecV2: encoding.GetCodecV2(grpcproto.Name), svc: s}
 }
 

@@ -11,6 +11,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -113,7 +114,8 @@ type Service struct {
 	slots      *slots
 	syncOutput *byteBudget
 	replies    *byteBudget
-	sending    sync.Map // *fluxpb.GetExecutionResponse → its *replyTicket
+	sending    sync.Map    // *fluxpb.GetExecutionResponse → its *replyTicket
+	zeroCopy   atomic.Bool // ServerCodec sends records without a copy
 	metrics    Metrics
 	tracer     trace.Tracer
 	logger     *slog.Logger
