@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 
+	"go.opentelemetry.io/otel/attribute"
+
 	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
@@ -18,6 +20,20 @@ var (
 
 // tracerName names the tracer of the service's own spans.
 const tracerName = "github.com/serverless-fabric/flux-agent/service"
+
+// Spans of the steps of an execution that wait on something (Redis, a
+// slot), so that a slow execution's trace says where its time went.
+const (
+	spanQueueWait    = "flux.queue.wait"
+	spanRecordClaim  = "flux.record.claim"
+	spanRecordUpdate = "flux.record.update"
+	spanRecordFinal  = "flux.record.final"
+	spanOutputFlush  = "flux.output.flush"
+	spanReplyWait    = "flux.reply.wait"
+)
+
+// attrFlushBytes is the size of one write of live output.
+const attrFlushBytes = attribute.Key("flux.output.flush_bytes")
 
 // Metrics receives what the service counts; telemetry.Metrics implements
 // it. Labels stay bounded: function names and statuses, never ids.

@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,31 +19,102 @@ import (
 	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
-// execution is one accepted ExecuteFunction, from the claim of its id to
-// its final record.
+// finalWriteTimeout bounds the write of a final record, which must happen
+// even when the RPC that started the execution is gone.
+const finalWriteTimeout = 10 * time.Second
+
+// finalWriteRetry is the first pause between tries of a final write; it
+// doubles until finalWriteTimeout is spent.
+const finalWriteRetry = 100 * time.Millisecond
+
+// redisTryTimeout bounds one Redis write of a running execution (a try of
+// its final write, a record update, a flush of output). The Redis client
+// gives up on a stalled server at the deadline, not when a context is
+// cancelled, so this is also how long an abandoned write may still block
+// (see Shutdown).
+const redisTryTimeout = 2 * time.Second
+
+// function is a registered function with what each of its executions
+// needs worked out once: its environment, limits and timeout, the node's
+// defaults applied.
+type function struct {
+	cfg *fluxpb.FunctionConfig
+	// env is the environment but the per-execution FLUX_* values.
+	env     []string
+	limits  sandbox.Limits
+	timeout time.Duration // 0: none
+}
+
+// fluxEnvKeys are set by the agent for each execution; a function's env
+// cannot override them.
+var fluxEnvKeys = []string{"FLUX_EXECUTION_ID", "FLUX_NODE_PRIVATE_IP", "FLUX_NODE_PUBLIC_IP"}
+
+func (s *Service) newFunction(cfg *fluxpb.FunctionConfig) *function {
+	fn := &function{cfg: cfg, timeout: time.Duration(cfg.GetTimeoutSeconds()) * time.Second}
+	if fn.timeout == 0 {
+		fn.timeout = s.opts.DefaultTimeout
+	}
+	mem := cfg.GetMemoryMb() << 20
+	if mem == 0 {
+		mem = s.opts.DefaultMemoryBytes
+	}
+	if mem > 0 {
+		fn.limits.MemoryBytes = &mem
+	}
+	if mc := int64(cfg.GetCpuMillicores()); mc > 0 {
+		fn.limits.CPUMillicores = &mc
+	}
+	env := baseEnv()
+	maps.Copy(env, cfg.GetEnv())
+	for _, k := range fluxEnvKeys {
+		delete(env, k)
+	}
+	for _, k := range slices.Sorted(maps.Keys(env)) {
+		fn.env = append(fn.env, k+"="+env[k])
+	}
+	return fn
+}
+
+// execution is one accepted ExecuteFunction, from its admission to its
+// final record. It owns what it acquires, and retire gives all of it back:
+// its slot (or place in the queue), its span, its pinned code, its output
+// stream and its process.
 type execution struct {
 	id     string
-	fn     *fluxpb.FunctionConfig
+	fn     *function
 	args   []string
 	async  bool
 	logger *slog.Logger
+	// ctx carries the execution's span; abort cancels it, which makes
+	// every Redis write of the execution give up.
+	ctx   context.Context
+	abort context.CancelFunc
+	span  trace.Span
+	slot  *waiter
+	// claim receives the outcome of the claim of the id (the running
+	// record), once; claimed reads it.
+	claim    chan error
+	claimErr error
+	claimSet bool
 
-	// rec and resp belong to the goroutine that runs the execution; others
-	// read them only after done is closed.
-	rec  Record
-	resp *fluxpb.ExecutionResponse
-	done chan struct{}
+	// Owned by the run goroutine; others read rec and resp once done is
+	// closed.
+	rec     Record
+	resp    *fluxpb.ExecutionResponse
+	code    Code
+	out     *outputStream
+	running bool // counted in the running gauge
+	done    chan struct{}
 
 	mu        sync.Mutex
-	queued    bool
-	proc      *sandbox.Process
+	proc      Process
 	cancelled bool
 	cancelMsg string
 	cancelCh  chan struct{} // closed on the first cancel
 }
 
 // cancel asks the execution to end now: a queued one leaves the queue, a
-// running one has its whole process tree killed.
+// started one has its whole process tree killed.
 func (e *execution) cancel(msg string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -55,21 +127,20 @@ func (e *execution) cancel(msg string) {
 	}
 }
 
-// cancelIfQueued cancels the execution only if it has not started.
-func (e *execution) cancelIfQueued(msg string) {
-	e.mu.Lock()
-	queued := e.queued
-	e.mu.Unlock()
-	if queued {
-		e.cancel(msg)
-	}
-}
-
 // cancelReason returns why the execution was cancelled, if it was.
 func (e *execution) cancelReason() (string, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.cancelMsg, e.cancelled
+}
+
+// claimed waits for the outcome of the claim; only the run goroutine
+// calls it.
+func (e *execution) claimed() error {
+	if !e.claimSet {
+		e.claimErr, e.claimSet = <-e.claim, true
+	}
+	return e.claimErr
 }
 
 // ExecuteFunction runs a function: sync calls return its output, async
@@ -85,33 +156,63 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	// A slot (or a place in the queue) first: an execution is active only
-	// once it can run or wait, and Shutdown sees a queued one as queued.
-	name, limit := fn.GetName(), int(fn.GetMaxConcurrency())
-	var w *waiter
-	if req.GetAsync() && fn.GetMaxConcurrencyBehavior() == BehaviorWait {
-		w, err = s.slots.enqueue(name, limit)
-	} else {
-		err = s.slots.tryAcquire(name, limit)
+	e, first, err := s.admit(ctx, req, fn)
+	if errors.Is(err, ErrAtCapacity) {
+		return s.refuse(ctx, req, err)
 	}
 	if err != nil {
-		return s.refuse(ctx, req, err)
+		return nil, toStatus(err)
+	}
+	// The process starts while its id is claimed; it runs only once the
+	// claim holds.
+	go s.run(e)
+	if err := s.claim(trace.ContextWithSpan(ctx, e.span), e, first); err != nil {
+		return nil, toStatus(err)
+	}
+	s.metrics.ExecutionStarted(ctx, fn.cfg.GetName(), e.async)
+	if e.async {
+		return &fluxpb.ExecutionResponse{}, nil
+	}
+	// A sync caller that goes away (Flux's HTTP deadline) takes its
+	// execution with it.
+	stop := context.AfterFunc(ctx, func() { e.cancel("the caller gave up: " + context.Cause(ctx).Error()) })
+	defer stop()
+	<-e.done
+	return e.resp, nil
+}
+
+// admit gives an execution a slot (or a place in the queue) and registers
+// it as active, unless its id is running or the agent is shutting down.
+// It returns the execution's first record, for the claim.
+func (s *Service) admit(ctx context.Context, req *fluxpb.ExecutionRequest, fn *function) (*execution, Record, error) {
+	name, limit := fn.cfg.GetName(), int(fn.cfg.GetMaxConcurrency())
+	var slot *waiter
+	var err error
+	if req.GetAsync() && fn.cfg.GetMaxConcurrencyBehavior() == BehaviorWait {
+		slot, err = s.slots.enqueue(name, limit)
+	} else {
+		slot, err = s.slots.acquire(name, limit)
+	}
+	if err != nil {
+		return nil, Record{}, err
 	}
 	e := &execution{
 		id:       req.GetExecutionId(),
 		fn:       fn,
-		args:     slices.Clone(req.GetArgs()),
+		args:     req.GetArgs(),
 		async:    req.GetAsync(),
-		logger:   s.logger.With("execution_id", req.GetExecutionId(), "function", name),
-		queued:   w != nil && !isClosed(w.ready),
+		logger:   s.logger.With(telemetry.LogExecutionID, req.GetExecutionId(), telemetry.LogFunction, name),
+		slot:     slot,
+		claim:    make(chan error, 1),
 		done:     make(chan struct{}),
 		cancelCh: make(chan struct{}),
 	}
-	if err := s.admit(e); err != nil {
-		s.giveBack(name, w)
-		return nil, toStatus(err)
-	}
-	// From here every path ends in s.retire(e).
+	e.ctx, e.span = s.tracer.Start(context.WithoutCancel(ctx), telemetry.SpanExecution, trace.WithAttributes(
+		telemetry.AttrFunction.String(name),
+		telemetry.AttrExecutionID.String(e.id),
+		telemetry.AttrAsync.Bool(e.async),
+	))
+	e.ctx, e.abort = context.WithCancel(e.ctx)
 	e.rec = Record{
 		ExecutionID:  e.id,
 		AgentID:      s.opts.AgentID,
@@ -119,73 +220,56 @@ func (s *Service) ExecuteFunction(ctx context.Context, req *fluxpb.ExecutionRequ
 		Status:       StatusRunning,
 		StartedAt:    time.Now().UTC(),
 		Async:        e.async,
-		Queued:       e.queued,
+		Queued:       s.slots.waiting(slot),
+		TimeoutMS:    fn.timeout.Milliseconds(),
 	}
-	ctx, span := s.tracer.Start(ctx, telemetry.SpanExecution, trace.WithAttributes(
-		telemetry.AttrFunction.String(name),
-		telemetry.AttrExecutionID.String(e.id),
-		telemetry.AttrAsync.Bool(e.async),
-	))
-	if sc := span.SpanContext(); sc.HasTraceID() {
+	if sc := e.span.SpanContext(); sc.HasTraceID() {
 		e.rec.TraceID = sc.TraceID().String()
 	}
-	created, err := s.state.createRecord(ctx, &e.rec)
-	if err != nil || !created {
-		s.giveBack(name, w)
-		s.retire(e)
-		if err == nil {
-			err = fmt.Errorf("%w: %s", ErrDuplicateExecution, e.id)
-		} else {
-			s.metrics.RedisError(ctx, "create_record")
-		}
-		span.SetStatus(codes.Error, err.Error())
-		span.End()
-		return nil, toStatus(err)
-	}
-	s.metrics.ExecutionStarted(ctx, name, e.async)
-	if e.async {
-		go s.run(context.WithoutCancel(ctx), span, e, w)
-		return &fluxpb.ExecutionResponse{}, nil
-	}
-	// A sync caller that goes away (Flux's HTTP deadline) takes its
-	// execution with it.
-	stop := context.AfterFunc(ctx, func() { e.cancel("the caller gave up: " + context.Cause(ctx).Error()) })
-	defer stop()
-	s.run(context.WithoutCancel(ctx), span, e, w)
-	return e.resp, nil
-}
-
-// admit registers an execution as active, unless its id is running or the
-// agent is shutting down.
-func (s *Service) admit(e *execution) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.draining {
-		return ErrShuttingDown
+	switch {
+	case s.draining:
+		err = ErrShuttingDown
+	case s.active[e.id] != nil:
+		err = fmt.Errorf("%w: %s is running", ErrDuplicateExecution, e.id)
+	default:
+		s.active[e.id] = e
 	}
-	if _, running := s.active[e.id]; running {
-		return fmt.Errorf("%w: %s is running", ErrDuplicateExecution, e.id)
-	}
-	s.active[e.id] = e
-	s.wg.Add(1)
-	return nil
-}
-
-// retire ends an admitted execution: whoever waits on done (a cancel) may
-// read its record, and it no longer counts as active.
-func (s *Service) retire(e *execution) {
-	close(e.done)
-	s.mu.Lock()
-	delete(s.active, e.id)
 	s.mu.Unlock()
-	s.wg.Done()
+	if err != nil {
+		s.slots.giveBack(slot)
+		e.span.SetStatus(codes.Error, err.Error())
+		e.span.End()
+		e.abort()
+		return nil, Record{}, err
+	}
+	return e, e.rec, nil
 }
 
-// giveBack returns a slot, or a place in the queue, never used.
-func (s *Service) giveBack(function string, w *waiter) {
-	if w == nil || !s.slots.leave(w) {
-		s.slots.release(function)
+// claim writes the execution's running record, which claims its id, and
+// hands the outcome to the run goroutine.
+func (s *Service) claim(ctx context.Context, e *execution, rec Record) (err error) {
+	ctx, span := s.tracer.Start(ctx, spanRecordClaim)
+	defer func() {
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+		}
+		span.End()
+		e.claim <- err
+	}()
+	data, err := json.Marshal(&rec)
+	if err != nil {
+		return fmt.Errorf("encode record %s: %w", e.id, err)
 	}
+	created, err := s.state.createRecord(ctx, e.id, data, false)
+	if err != nil {
+		s.metrics.RedisError(ctx, "create_record")
+		return err
+	}
+	if !created {
+		return fmt.Errorf("%w: %s", ErrDuplicateExecution, e.id)
+	}
+	return nil
 }
 
 // refuse answers an execution that cannot start. Flux ignores the error of
@@ -193,7 +277,7 @@ func (s *Service) giveBack(function string, w *waiter) {
 func (s *Service) refuse(ctx context.Context, req *fluxpb.ExecutionRequest, cause error) (*fluxpb.ExecutionResponse, error) {
 	if req.GetAsync() {
 		now := time.Now().UTC()
-		rec := &Record{
+		data, err := json.Marshal(&Record{
 			ExecutionID:  req.GetExecutionId(),
 			AgentID:      s.opts.AgentID,
 			FunctionName: req.GetFunctionName(),
@@ -202,120 +286,217 @@ func (s *Service) refuse(ctx context.Context, req *fluxpb.ExecutionRequest, caus
 			StartedAt:    now,
 			StatusAt:     &now,
 			Async:        true,
+		})
+		if err != nil {
+			return nil, toStatus(err)
 		}
-		created, err := s.state.createRecord(ctx, rec)
+		created, err := s.state.createRecord(ctx, req.GetExecutionId(), data, true)
 		if err != nil {
 			s.metrics.RedisError(ctx, "create_record")
 			return nil, toStatus(err)
 		}
 		if !created {
-			return nil, toStatus(fmt.Errorf("%w: %s", ErrDuplicateExecution, rec.ExecutionID))
+			return nil, toStatus(fmt.Errorf("%w: %s", ErrDuplicateExecution, req.GetExecutionId()))
 		}
 	}
-	s.logger.InfoContext(ctx, "execution refused", "execution_id", req.GetExecutionId(),
-		"function", req.GetFunctionName(), "async", req.GetAsync(), "reason", cause)
+	s.logger.InfoContext(ctx, "execution refused", telemetry.LogExecutionID, req.GetExecutionId(),
+		telemetry.LogFunction, req.GetFunctionName(), "async", req.GetAsync(), "reason", cause)
 	return &fluxpb.ExecutionResponse{Error: cause.Error()}, nil
 }
 
-// run takes an admitted execution from its queue (if any) to its final
-// record. It owns e.rec and the slot.
-func (s *Service) run(ctx context.Context, span trace.Span, e *execution, w *waiter) {
+// run is the goroutine that owns an admitted execution: it waits for its
+// slot if it is queued, launches it, and retires it.
+//
+// A sync caller waits for the process: it starts while the id is claimed.
+// An async caller waits for the claim only: the process starts after it,
+// so as not to compete with it for the CPU.
+func (s *Service) run(e *execution) {
 	defer s.retire(e)
-	defer span.End()
-	name := e.fn.GetName()
+	if e.async && e.claimed() != nil {
+		return // the id is not ours: no record to write
+	}
+	if e.rec.Queued && !s.waitForSlot(e) {
+		s.finish(e, nil, nil)
+		return
+	}
+	s.launch(e)
+}
 
-	if e.queued {
-		s.metrics.QueuedAdd(ctx, name, 1)
-		select {
-		case <-w.ready:
-		case <-e.cancelCh:
-			if s.slots.leave(w) {
-				s.metrics.QueuedAdd(ctx, name, -1)
-				s.finish(ctx, span, e, nil, outputStats{}, nil, 0, nil)
-				return
-			}
-		}
-		s.metrics.QueuedAdd(ctx, name, -1)
-		e.mu.Lock()
-		e.queued = false
-		e.mu.Unlock()
+// waitForSlot waits in the queue until the execution gets a slot (true) or
+// is cancelled there (false).
+func (s *Service) waitForSlot(e *execution) bool {
+	_, span := s.tracer.Start(e.ctx, spanQueueWait)
+	defer span.End()
+	name := e.fn.cfg.GetName()
+	s.metrics.QueuedAdd(e.ctx, name, 1)
+	defer s.metrics.QueuedAdd(e.ctx, name, -1)
+	select {
+	case <-e.slot.ready:
+		return true
+	case <-e.cancelCh:
+		// The slot may have come at the same moment: then it runs, and
+		// launch sees the cancel before the function's first instruction.
+		return !s.slots.leave(e.slot)
+	}
+}
+
+// launch starts the process held, lets it run once its id is claimed (if
+// it is not already), waits for it and finishes the execution.
+func (s *Service) launch(e *execution) {
+	dequeued := e.rec.Queued
+	if dequeued {
 		e.rec.Queued = false
 		e.rec.QueuedMS = time.Since(e.rec.StartedAt).Milliseconds()
-		span.SetAttributes(telemetry.AttrQueuedMS.Int64(e.rec.QueuedMS))
-		if err := s.state.updateRecord(ctx, &e.rec); err != nil {
-			s.metrics.RedisError(ctx, "update_record")
-			e.logger.WarnContext(ctx, "record not updated", "error", err)
+		e.span.SetAttributes(telemetry.AttrQueuedMS.Int64(e.rec.QueuedMS))
+	}
+	proc, startErr := s.start(e)
+	if err := e.claimed(); err != nil {
+		// The id is another execution's: nothing of this one is stored.
+		// The process is held, so it dies without running the function.
+		if e.out != nil {
+			e.out.releaseWriters()
 		}
+		if proc != nil {
+			proc.Cancel()
+			<-proc.Done()
+		}
+		return
 	}
-	defer s.slots.release(name)
-	s.metrics.RunningAdd(ctx, name, 1)
-	defer s.metrics.RunningAdd(ctx, name, -1)
+	if e.out != nil {
+		e.out.open()
+	}
+	if startErr != nil {
+		s.finish(e, nil, startErr)
+		return
+	}
+	s.metrics.RunningAdd(e.ctx, e.fn.cfg.GetName(), 1)
+	e.running = true
+	if err := s.resume(e, proc); err != nil {
+		proc.Cancel()
+		<-proc.Done()
+		s.finish(e, nil, fmt.Errorf("start: %w", err))
+		return
+	}
+	if dequeued {
+		// The process runs meanwhile; the final record comes after this
+		// one, from this goroutine.
+		ctx, span := s.tracer.Start(e.ctx, spanRecordUpdate)
+		ctx, cancel := context.WithTimeout(ctx, redisTryTimeout)
+		err := s.state.updateRecord(ctx, &e.rec)
+		cancel()
+		if err != nil {
+			s.metrics.RedisError(ctx, "update_record")
+			span.SetStatus(codes.Error, err.Error())
+			e.logger.WarnContext(ctx, "record not updated", "err", err)
+		}
+		span.End()
+	}
+	_, wait := s.tracer.Start(e.ctx, telemetry.SpanSandboxWait)
+	<-proc.Done()
+	res := proc.Result()
+	wait.SetAttributes(telemetry.AttrExitCode.Int(res.ExitCode), telemetry.AttrOOMKilled.Bool(res.OOMKilled),
+		telemetry.AttrTimedOut.Bool(res.TimedOut), telemetry.AttrCancelled.Bool(res.Cancelled))
+	wait.End()
+	s.finish(e, &res, nil)
+}
 
-	if _, cancelled := e.cancelReason(); cancelled {
-		s.finish(ctx, span, e, nil, outputStats{}, nil, 0, nil)
-		return
-	}
-	lease, err := s.opts.Deployments.Acquire(name)
+// start pins the function's code and starts its process, held.
+func (s *Service) start(e *execution) (Process, error) {
+	ctx, span := s.tracer.Start(e.ctx, telemetry.SpanSandboxStart)
+	defer span.End()
+	code, err := s.code.Checkout(e.fn.cfg.GetName(), e.fn.cfg.GetHandler())
 	if err != nil {
-		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("function %s has no deployed code: %w", name, err), 0, nil)
-		return
+		span.SetStatus(codes.Error, err.Error())
+		return nil, err
 	}
-	defer lease.Release()
-	e.rec.CodeVersion = lease.Version
-	path, err := lease.Handler(e.fn.GetHandler())
-	if err != nil {
-		s.finish(ctx, span, e, nil, outputStats{}, fmt.Errorf("handler: %w", err), 0, nil)
-		return
-	}
-
-	sink := newOutputSink(s.opts.OutputLimit, !e.async)
-	flusher := startOutputFlusher(ctx, &outputFlusher{
-		sink: sink, state: s.state, id: e.id, logger: e.logger,
-		onErr: func(ctx context.Context) { s.metrics.RedisError(ctx, "write_output") },
-	})
-	startCtx, startSpan := s.tracer.Start(ctx, telemetry.SpanSandboxStart)
-	proc, err := s.opts.Sandbox.Start(startCtx, sandbox.Spec{
+	e.code = code
+	e.rec.CodeVersion = code.Version
+	out := newOutputStream(e.ctx, s.opts.OutputLimit, s.replyBudgetFor(e), e.logger, s.outputWriter(e))
+	e.mu.Lock() // Shutdown reaches it through abandon
+	e.out = out
+	e.mu.Unlock()
+	proc, err := s.sandbox.Start(ctx, sandbox.Spec{
 		ID:        e.id,
-		Path:      path,
+		Path:      code.Path,
 		Args:      e.args,
-		Dir:       lease.Dir,
+		Dir:       code.Dir,
 		Env:       s.environment(e),
-		Limits:    limits(e.fn),
-		Timeout:   time.Duration(e.fn.GetTimeoutSeconds()) * time.Second,
+		Limits:    e.fn.limits,
+		Timeout:   e.fn.timeout,
 		KillGrace: s.opts.KillGrace,
-		Output:    sink,
+		Output:    out,
 	})
 	if err != nil {
-		startSpan.SetStatus(codes.Error, err.Error())
-		startSpan.End()
-		offset := flusher.stop()
-		s.finish(ctx, span, e, nil, sink.stats(), fmt.Errorf("start: %w", err), offset, sink.take())
-		return
+		span.SetStatus(codes.Error, err.Error())
+		return nil, fmt.Errorf("start: %w", err)
 	}
-	startSpan.SetAttributes(telemetry.AttrPID.Int(proc.Pid()))
-	startSpan.End()
-	_, waitSpan := s.tracer.Start(ctx, telemetry.SpanSandboxWait)
+	span.SetAttributes(telemetry.AttrPID.Int(proc.Pid()))
+	return proc, nil
+}
+
+// resume lets the held process run, unless the execution was cancelled
+// meanwhile: then it is killed before the function's first instruction.
+func (s *Service) resume(e *execution, proc Process) error {
+	if e.logger.Enabled(e.ctx, slog.LevelDebug) {
+		e.logger.DebugContext(e.ctx, "execution started", "pid", proc.Pid(), "version", e.code.Version)
+	}
+	// Under mu, so that a cancel either comes before (and the process
+	// never runs) or finds it to kill.
 	e.mu.Lock()
+	defer e.mu.Unlock()
 	e.proc = proc
 	if e.cancelled {
 		proc.Cancel()
+		return nil
 	}
-	e.mu.Unlock()
-	e.logger.DebugContext(ctx, "execution started", "pid", proc.Pid(), "version", lease.Version)
+	return proc.Resume()
+}
 
-	<-proc.Done()
-	res := proc.Result()
-	waitSpan.SetAttributes(telemetry.AttrExitCode.Int(res.ExitCode), telemetry.AttrOOMKilled.Bool(res.OOMKilled),
-		telemetry.AttrTimedOut.Bool(res.TimedOut), telemetry.AttrCancelled.Bool(res.Cancelled))
-	waitSpan.End()
-	offset := flusher.stop()
-	s.finish(ctx, span, e, &res, sink.stats(), nil, offset, sink.take())
+// abandon is Shutdown's last word on an execution it could not wait for:
+// its Redis writes give up and its output no longer waits for Redis, so
+// that it ends at once. What was not written is settled at the next start.
+func (e *execution) abandon() {
+	e.mu.Lock()
+	out := e.out
+	e.mu.Unlock()
+	if out != nil {
+		out.releaseWriters()
+	}
+	e.abort()
+}
+
+// replyBudgetFor is the budget a sync execution keeps its reply under;
+// nil for an async one, which keeps none.
+func (s *Service) replyBudgetFor(e *execution) *byteBudget {
+	if e.async {
+		return nil
+	}
+	return s.syncOutput
+}
+
+// outputWriter stores an execution's live output, each write in a span.
+func (s *Service) outputWriter(e *execution) func(context.Context, int64, []byte) error {
+	return func(ctx context.Context, offset int64, chunk []byte) error {
+		ctx, span := s.tracer.Start(ctx, spanOutputFlush, trace.WithAttributes(attrFlushBytes.Int(len(chunk))))
+		defer span.End()
+		err := s.state.writeOutput(ctx, e.id, offset, chunk)
+		if err != nil {
+			s.metrics.RedisError(ctx, "write_output")
+			span.SetStatus(codes.Error, err.Error())
+		}
+		return err
+	}
 }
 
 // finish turns how an execution ended into its final record, response,
-// span status and metrics. res is nil when no process ran; the output not
-// yet in Redis (lastChunk) goes at offset.
-func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res *sandbox.Result, out outputStats, startErr error, offset int64, lastChunk []byte) {
+// span status and metrics. res is nil when no process ran; err says why.
+func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
+	var rest []outputPiece
+	var out outputStats
+	if e.out != nil {
+		rest = e.out.stop()
+		out = e.out.stats()
+	}
 	now := time.Now().UTC()
 	rec := &e.rec
 	rec.StatusAt = &now
@@ -324,8 +505,8 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 	rec.OutputTruncated = out.truncated
 	cancelMsg, cancelled := e.cancelReason()
 	switch {
-	case startErr != nil:
-		rec.Status, rec.Error = StatusFailed, startErr.Error()
+	case err != nil:
+		rec.Status, rec.Error = StatusFailed, err.Error()
 	case res == nil && cancelled:
 		rec.Status, rec.Error = StatusCancelled, cancelMsg
 	case res == nil:
@@ -338,20 +519,26 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 		rec.PeakMemoryBytes = res.PeakMemoryBytes
 		rec.CPUTimeMS = res.CPUTime.Milliseconds()
 		rec.DurationMS = res.WallTime.Milliseconds()
-		rec.Status, rec.Error = outcome(res, e.fn, cancelMsg)
+		rec.MemoryLimitBytes = res.MemoryLimitBytes
+		rec.Status, rec.Error = outcome(res, e.fn.timeout, cancelMsg)
 		if res.OutputErr != nil {
-			// The sink never fails, so the end of the output was abandoned
-			// (a process escaped the group without a cgroup to hold it).
+			// The stream never fails, so the end of the output was
+			// abandoned (a process escaped the group without a cgroup to
+			// hold it).
 			rec.OutputTruncated = true
-			e.logger.WarnContext(ctx, "output cut short", "error", res.OutputErr)
+			e.logger.WarnContext(e.ctx, "output cut short", "err", res.OutputErr)
 		}
 	}
-	s.writeFinal(ctx, e, offset, lastChunk)
+	s.writeFinal(e, rest)
 	if !e.async {
-		e.resp = &fluxpb.ExecutionResponse{Output: out.all, Error: rec.Error, DurationMs: rec.DurationMS}
+		var output []byte
+		if e.out != nil {
+			output = e.out.replyOutput()
+		}
+		e.resp = &fluxpb.ExecutionResponse{Output: output, Error: rec.Error, DurationMs: rec.DurationMS}
 	}
 
-	span.SetAttributes(
+	e.span.SetAttributes(
 		telemetry.AttrStatus.String(rec.Status),
 		telemetry.AttrOutputBytes.Int64(rec.OutputBytes),
 		telemetry.AttrOutputTruncated.Bool(rec.OutputTruncated),
@@ -362,12 +549,12 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 		telemetry.AttrCPUTimeMS.Int64(rec.CPUTimeMS),
 	)
 	if rec.ExitCode != nil {
-		span.SetAttributes(telemetry.AttrExitCode.Int(*rec.ExitCode))
+		e.span.SetAttributes(telemetry.AttrExitCode.Int(*rec.ExitCode))
 	}
 	if rec.Status != StatusSuccess {
-		span.SetStatus(codes.Error, rec.Error)
+		e.span.SetStatus(codes.Error, rec.Error)
 	}
-	s.metrics.ExecutionFinished(ctx, e.fn.GetName(), telemetry.ExecutionOutcome{
+	s.metrics.ExecutionFinished(e.ctx, e.fn.cfg.GetName(), telemetry.ExecutionOutcome{
 		Status:      rec.Status,
 		Duration:    time.Duration(rec.DurationMS) * time.Millisecond,
 		OutputBytes: rec.OutputBytes,
@@ -379,23 +566,25 @@ func (s *Service) finish(ctx context.Context, span trace.Span, e *execution, res
 	if rec.Status == StatusFailed {
 		level = slog.LevelWarn
 	}
-	e.logger.Log(ctx, level, "execution finished", "status", rec.Status, "error", rec.Error,
+	e.logger.Log(e.ctx, level, "execution finished", "status", rec.Status, "error", rec.Error,
 		"duration_ms", rec.DurationMS, "output_bytes", rec.OutputBytes, "async", e.async)
 }
 
-// finalWriteRetry is the first pause between tries of a final write; it
-// doubles up to finalWriteTimeout in all.
-const finalWriteRetry = 100 * time.Millisecond
-
-// writeFinal stores the final record, retrying through a short Redis
-// outage: a record left "running" would mislead Flux until its TTL. What
-// still fails is settled as failed at the agent's next start.
-func (s *Service) writeFinal(ctx context.Context, e *execution, offset int64, lastChunk []byte) {
+// writeFinal stores the rest of the output and the final record, retrying
+// through a short Redis outage: a record left "running" would mislead Flux
+// until its TTL. What still fails (or is cut short by Shutdown) stays in
+// the running set, which Settle turns into a failed record at the agent's
+// next start.
+func (s *Service) writeFinal(e *execution, rest []outputPiece) {
+	ctx, span := s.tracer.Start(e.ctx, spanRecordFinal)
+	defer span.End()
 	ctx, cancel := context.WithTimeout(ctx, finalWriteTimeout)
 	defer cancel()
 	pause := finalWriteRetry
 	for {
-		err := s.state.finishRecord(ctx, &e.rec, offset, lastChunk)
+		try, cancelTry := context.WithTimeout(ctx, redisTryTimeout)
+		err := s.state.finishRecord(try, &e.rec, rest)
+		cancelTry()
 		if err == nil {
 			return
 		}
@@ -404,7 +593,8 @@ func (s *Service) writeFinal(ctx context.Context, e *execution, offset int64, la
 		select {
 		case <-ctx.Done():
 			retry.Stop()
-			e.logger.ErrorContext(ctx, "final record not written", "status", e.rec.Status, "error", err)
+			span.SetStatus(codes.Error, err.Error())
+			e.logger.ErrorContext(ctx, "final record not written", "status", e.rec.Status, "err", err)
 			return
 		case <-retry.C:
 			pause *= 2
@@ -412,10 +602,33 @@ func (s *Service) writeFinal(ctx context.Context, e *execution, offset int64, la
 	}
 }
 
+// retire gives back everything the execution holds, once it is over.
+func (s *Service) retire(e *execution) {
+	if e.out != nil {
+		e.out.free()
+	}
+	if e.code.Release != nil {
+		e.code.Release()
+	}
+	if e.running {
+		s.metrics.RunningAdd(e.ctx, e.fn.cfg.GetName(), -1)
+	}
+	s.slots.giveBack(e.slot)
+	e.span.End()
+	e.abort()
+	s.mu.Lock()
+	delete(s.active, e.id)
+	if s.draining && len(s.active) == 0 {
+		close(s.idle)
+	}
+	s.mu.Unlock()
+	close(e.done)
+}
+
 // outcome names the status and error of a process that ran. The sandbox
 // words what it measured (OOM against the limit it applied, signals, exit
 // codes); the service words what it decided (timeouts, cancels).
-func outcome(res *sandbox.Result, fn *fluxpb.FunctionConfig, cancelMsg string) (status, errText string) {
+func outcome(res *sandbox.Result, timeout time.Duration, cancelMsg string) (status, errText string) {
 	switch {
 	case res.Cancelled:
 		if cancelMsg == "" {
@@ -423,7 +636,7 @@ func outcome(res *sandbox.Result, fn *fluxpb.FunctionConfig, cancelMsg string) (
 		}
 		return StatusCancelled, cancelMsg
 	case res.TimedOut && !res.OOMKilled:
-		return StatusFailed, fmt.Sprintf("execution timed out after %ds", fn.GetTimeoutSeconds())
+		return StatusFailed, "execution timed out after " + formatTimeout(timeout)
 	}
 	if err := res.Err(); err != nil {
 		return StatusFailed, err.Error()
@@ -431,33 +644,25 @@ func outcome(res *sandbox.Result, fn *fluxpb.FunctionConfig, cancelMsg string) (
 	return StatusSuccess, ""
 }
 
-// limits maps a function's config to sandbox limits; 0 means none.
-func limits(fn *fluxpb.FunctionConfig) sandbox.Limits {
-	var l sandbox.Limits
-	if mb := fn.GetMemoryMb(); mb > 0 {
-		b := mb << 20
-		l.MemoryBytes = &b
+// formatTimeout writes a timeout as Flux's users know it: whole seconds
+// as "30s".
+func formatTimeout(d time.Duration) string {
+	if d%time.Second == 0 {
+		return fmt.Sprintf("%ds", d/time.Second)
 	}
-	if mc := int64(fn.GetCpuMillicores()); mc > 0 {
-		l.CPUMillicores = &mc
-	}
-	return l
+	return d.String()
 }
 
 // environment is all a function sees: a minimal base, its own env, and
 // the FLUX_* values, which its env cannot override. Nothing comes from the
 // agent's own environment.
 func (s *Service) environment(e *execution) []string {
-	env := baseEnv()
-	maps.Copy(env, e.fn.GetEnv())
-	env["FLUX_EXECUTION_ID"] = e.id
-	env["FLUX_NODE_PRIVATE_IP"] = s.opts.IPs.PrivateIP()
-	env["FLUX_NODE_PUBLIC_IP"] = s.opts.IPs.PublicIP()
-	out := make([]string, 0, len(env))
-	for _, k := range slices.Sorted(maps.Keys(env)) {
-		out = append(out, k+"="+env[k])
+	env := make([]string, 0, len(e.fn.env)+len(fluxEnvKeys))
+	env = append(env, e.fn.env...)
+	for i, v := range []string{e.id, s.opts.IPs.PrivateIP(), s.opts.IPs.PublicIP()} {
+		env = append(env, fluxEnvKeys[i]+"="+v)
 	}
-	return out
+	return env
 }
 
 // CancelExecution kills a running execution's whole tree, or takes a queued
@@ -481,7 +686,7 @@ func (s *Service) CancelExecution(ctx context.Context, req *fluxpb.CancelExecuti
 	}
 	switch e.rec.Status {
 	case StatusCancelled:
-	case "":
+	case StatusRunning:
 		return &fluxpb.CancelExecutionResponse{Message: "execution " + id + " did not start"}, nil
 	default:
 		return &fluxpb.CancelExecutionResponse{Message: fmt.Sprintf("execution %s finished before it could be cancelled (status %s)", id, e.rec.Status)}, nil
@@ -498,27 +703,4 @@ func (s *Service) notRunning(ctx context.Context, id string) string {
 		return fmt.Sprintf("execution %s already finished (status %s)", id, rec.Status)
 	}
 	return fmt.Sprintf("execution %s is not running on this agent", id)
-}
-
-// GetExecution returns an execution's record, with its output so far.
-func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequest) (*fluxpb.GetExecutionResponse, error) {
-	id := req.GetExecutionId()
-	if !executionIDPattern.MatchString(id) {
-		return &fluxpb.GetExecutionResponse{Found: false}, nil
-	}
-	data, found, err := s.state.recordJSON(ctx, id)
-	if err != nil {
-		s.metrics.RedisError(ctx, "get_record")
-		return nil, toStatus(err)
-	}
-	return &fluxpb.GetExecutionResponse{Found: found, Data: data}, nil
-}
-
-func isClosed(c chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
 }

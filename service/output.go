@@ -10,170 +10,380 @@ import (
 
 // outputFlushInterval paces writes of live output to Redis: new output
 // reaches Redis within this interval plus one round trip, and a chatty
-// function costs at most one APPEND per interval.
+// function costs at most one write per interval, unless it fills a whole
+// buffer sooner.
 const outputFlushInterval = 100 * time.Millisecond
 
-// outputSink receives a function's stdout and stderr (already merged into
-// one stream by the sandbox), keeps at most limit bytes of it, and holds the
-// bytes not yet sent to Redis. Writes never fail: a function whose output
-// is over the limit keeps running; its output is cut with a marker.
-type outputSink struct {
-	limit int64
-	// keepAll holds the whole (limited) output for a sync response.
-	keepAll bool
-
-	mu        sync.Mutex
-	total     int64 // bytes the function wrote
-	kept      int64 // bytes kept, at most limit
-	truncated bool
-	pending   []byte // kept bytes not yet in Redis
-	all       []byte
-
-	// ready has a value when pending is non-empty.
-	ready chan struct{}
-}
-
-func newOutputSink(limit int64, keepAll bool) *outputSink {
-	return &outputSink{limit: limit, keepAll: keepAll, ready: make(chan struct{}, 1)}
-}
-
-// Write implements io.Writer.
-func (o *outputSink) Write(p []byte) (int, error) {
-	o.mu.Lock()
-	o.total += int64(len(p))
-	take := int64(len(p))
-	if room := o.limit - o.kept; take > room {
-		take = room
-	}
-	if take > 0 {
-		o.add(p[:take])
-		o.kept += take
-	}
-	if int64(len(p)) > take && !o.truncated {
-		o.truncated = true
-		o.add(fmt.Appendf(nil, "\n[flux-agent: output truncated: it exceeded the %d-byte output limit]\n", o.limit))
-	}
-	o.mu.Unlock()
-	o.signal()
-	return len(p), nil
-}
-
-func (o *outputSink) add(b []byte) {
-	o.pending = append(o.pending, b...)
-	if o.keepAll {
-		o.all = append(o.all, b...)
-	}
-}
-
-// take returns the bytes not yet sent and forgets them.
-func (o *outputSink) take() []byte {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	chunk := o.pending
-	o.pending = nil
-	return chunk
-}
-
-// putBack returns a chunk that could not be sent, ahead of newer bytes.
-func (o *outputSink) putBack(chunk []byte) {
-	o.mu.Lock()
-	o.pending = append(chunk, o.pending...)
-	o.mu.Unlock()
-	o.signal()
-}
-
-func (o *outputSink) signal() {
-	select {
-	case o.ready <- struct{}{}:
-	default:
-	}
-}
-
-type outputStats struct {
-	total     int64
-	truncated bool
-	all       []byte
-}
-
-func (o *outputSink) stats() outputStats {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return outputStats{total: o.total, truncated: o.truncated, all: o.all}
-}
-
-// outputWriteTimeout bounds one write of live output; a Redis that hangs
-// delays live output, never the execution.
-const outputWriteTimeout = 5 * time.Second
+// outputChunkBytes is the size of each of the two buffers that carry an
+// execution's output to Redis: one fills while the other is written. A
+// function that writes faster than Redis takes its output waits on its full
+// pipe, so an execution holds at most two of them (the pipe's own 64 KiB
+// matches).
+const outputChunkBytes = 64 << 10
 
 // outputRetryInterval paces retries while Redis refuses writes.
 const outputRetryInterval = time.Second
 
-// outputFlusher streams an execution's new output to Redis while it runs.
-// It owns the output's write offset until stop returns.
-type outputFlusher struct {
-	sink   *outputSink
-	state  *state
-	id     string
-	logger *slog.Logger
-	onErr  func(ctx context.Context)
+// chunkPool recycles the output buffers between executions.
+var chunkPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, outputChunkBytes)
+	return &b
+}}
 
-	written int64 // bytes of output in Redis
+// outputPiece is output bytes and where they go in the stored output.
+type outputPiece struct {
+	offset int64
+	data   []byte
+}
+
+// outputStats is what an execution's output came to.
+type outputStats struct {
+	total     int64 // bytes the function wrote
+	truncated bool  // some were dropped (limit, or the agent stopping)
+}
+
+// outputStream receives a function's stdout and stderr (merged into one
+// stream by the sandbox) and carries it to Redis while the function runs.
+// It keeps at most limit bytes; beyond, the output is cut with a marker and
+// the function keeps running. Between the pipe and Redis the output sits in
+// two buffers of outputChunkBytes: when both are full, Write waits (the
+// function then waits on its pipe) rather than piling output up in memory.
+//
+// A sync execution also keeps its output for the reply, as long as the
+// node's reply budget has room: past it the reply is cut with a marker
+// while the output still goes, whole, to Redis.
+type outputStream struct {
+	limit int64
+	// budget bounds what all sync executions keep for their replies; nil
+	// keeps no reply (async).
+	budget *byteBudget
+	// write stores a chunk at its offset in Redis; it is called by the
+	// flush goroutine only.
+	write  func(ctx context.Context, offset int64, chunk []byte) error
+	ctx    context.Context
+	logger *slog.Logger
+
+	mu        sync.Mutex
+	total     int64 // bytes the function wrote
+	kept      int64 // of them, kept: at most limit
+	truncated bool
+	reply     []byte // sync: the output so far, while keeping
+	keeping   bool
+	reserved  int64 // of budget, for reply's capacity
+	replyCut  bool
+	sent      int64  // the output before this offset was handed to the flusher
+	filling   []byte // takes new output past the reply
+	spare     []byte // an empty buffer; nil while it is being written
+	blocked   bool   // a Write waits for a buffer
+	released  bool   // Write never waits again
+	opened    bool   // the output may go to Redis
+	stopped   bool
+	lost      int64 // bytes dropped once released
+	flushing  bool  // the flush goroutine runs
+	unwritten *outputPiece
+	pooled    []*[]byte // buffers to give back to chunkPool
+
+	// Made at the first output: most executions print little or nothing.
+	ready   chan struct{} // there is output to send
+	room    chan struct{} // a buffer came back
+	urge    chan struct{} // a Write waits: flush now
+	release chan struct{} // closed by releaseWriters
 	quit    chan struct{}
 	done    chan struct{}
 }
 
-func startOutputFlusher(ctx context.Context, f *outputFlusher) *outputFlusher {
-	f.quit = make(chan struct{})
-	f.done = make(chan struct{})
-	go f.run(ctx)
-	return f
+func newOutputStream(ctx context.Context, limit int64, budget *byteBudget, logger *slog.Logger,
+	write func(ctx context.Context, offset int64, chunk []byte) error) *outputStream {
+	return &outputStream{limit: limit, budget: budget, keeping: budget != nil, write: write, ctx: ctx, logger: logger}
 }
 
-func (f *outputFlusher) run(ctx context.Context) {
-	defer close(f.done)
-	failing := false
-	pace := time.NewTimer(outputFlushInterval)
-	defer pace.Stop()
-	for {
-		select {
-		case <-f.quit:
-			return
-		case <-f.sink.ready:
+// Write implements io.Writer for the sandbox. It never fails: output past
+// the limit is dropped.
+func (o *outputStream) Write(p []byte) (int, error) {
+	n := len(p)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.total += int64(n)
+	take := min(int64(len(p)), o.limit-o.kept)
+	o.kept += take
+	o.add(p[:take])
+	if int64(len(p)) > take && !o.truncated {
+		o.truncated = true
+		o.add(fmt.Appendf(nil, "\n[flux-agent: output truncated: it exceeded the %d-byte output limit]\n", o.limit))
+	}
+	return n, nil
+}
+
+// add queues b for Redis (and the reply), waiting for a buffer when both
+// are full; mu held, released while waiting.
+func (o *outputStream) add(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	if o.ready == nil {
+		o.ready, o.room, o.urge = make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{}, 1)
+		o.release, o.quit, o.done = make(chan struct{}), make(chan struct{}), make(chan struct{})
+		if o.released {
+			close(o.release)
 		}
-		wait := outputFlushInterval
-		if chunk := f.sink.take(); len(chunk) > 0 {
-			writeCtx, cancel := context.WithTimeout(ctx, outputWriteTimeout)
-			err := f.state.writeOutput(writeCtx, f.id, f.written, chunk)
-			cancel()
-			switch {
-			case err != nil:
-				f.sink.putBack(chunk)
-				f.onErr(ctx)
-				if !failing {
-					f.logger.WarnContext(ctx, "live output not written; retrying every second", "error", err)
-				}
-				failing, wait = true, outputRetryInterval
-			default:
-				f.written += int64(len(chunk))
-				if failing {
-					f.logger.InfoContext(ctx, "live output written again")
-				}
-				failing = false
+	}
+	o.startFlushing()
+	if o.keeping && o.keep(b) {
+		signal(o.ready)
+		return
+	}
+	for len(b) > 0 {
+		if o.filling == nil {
+			o.filling, o.spare = o.spare, nil
+			if o.filling == nil {
+				buf := chunkPool.Get().(*[]byte)
+				o.pooled = append(o.pooled, buf)
+				o.filling = (*buf)[:0]
 			}
 		}
-		pace.Reset(wait)
+		if room := cap(o.filling) - len(o.filling); room > 0 {
+			n := min(room, len(b))
+			o.filling = append(o.filling, b[:n]...)
+			b = b[n:]
+			signal(o.ready)
+			continue
+		}
+		if o.released || o.stopped {
+			o.lost += int64(len(b))
+			o.truncated = true
+			return
+		}
+		o.blocked = true
+		signal(o.urge)
+		o.mu.Unlock()
 		select {
-		case <-f.quit:
+		case <-o.room:
+		case <-o.release:
+		}
+		o.mu.Lock()
+	}
+}
+
+// open lets the output go to Redis: until the execution's id is claimed
+// it is not the execution's to write (the id may be another's).
+func (o *outputStream) open() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.opened = true
+	o.startFlushing()
+}
+
+// startFlushing starts the flush goroutine once there is output and the
+// stream is open; mu held.
+func (o *outputStream) startFlushing() {
+	if o.opened && o.ready != nil && !o.flushing && !o.stopped {
+		o.flushing = true
+		go o.flush()
+	}
+}
+
+// keep adds b to the reply if the node's budget has room for it; once it
+// has not, the reply ends here.
+func (o *outputStream) keep(b []byte) bool {
+	if need := len(o.reply) + len(b); need > cap(o.reply) {
+		grown := max(need, min(2*cap(o.reply), int(o.limit)+256))
+		if !o.budget.tryAcquire(int64(grown - cap(o.reply))) {
+			o.keeping, o.replyCut = false, true
+			return false
+		}
+		o.reserved += int64(grown - cap(o.reply))
+		r := make([]byte, len(o.reply), grown)
+		copy(r, o.reply)
+		o.reply = r
+	}
+	o.reply = append(o.reply, b...)
+	return true
+}
+
+// next hands the flusher the oldest output not yet handed out: the rest of
+// the reply, then the filled buffer. buffer says the chunk must come back
+// through recycle.
+func (o *outputStream) next() (p outputPiece, buffer bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.nextLocked()
+}
+
+func (o *outputStream) nextLocked() (p outputPiece, buffer bool) {
+	if o.sent < int64(len(o.reply)) {
+		p = outputPiece{offset: o.sent, data: o.reply[o.sent:]}
+		o.sent = int64(len(o.reply))
+		return p, false
+	}
+	if len(o.filling) == 0 {
+		return p, false
+	}
+	p = outputPiece{offset: o.sent, data: o.filling}
+	o.sent += int64(len(o.filling))
+	o.filling, o.spare = o.spare, nil
+	return p, true
+}
+
+// recycle takes back a buffer whose bytes are in Redis.
+func (o *outputStream) recycle(b []byte) {
+	o.mu.Lock()
+	if o.filling == nil {
+		o.filling = b[:0]
+	} else {
+		o.spare = b[:0]
+	}
+	o.blocked = false
+	o.mu.Unlock()
+	signal(o.room)
+}
+
+// pressing says a writer waits or a buffer is full: flush without pacing.
+func (o *outputStream) pressing() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.blocked || (o.filling != nil && len(o.filling) == cap(o.filling))
+}
+
+// flush is the goroutine that writes output to Redis as it comes, one
+// chunk at a time, retrying a chunk Redis refused; stop ends it.
+func (o *outputStream) flush() {
+	defer close(o.done)
+	pace := time.NewTimer(outputFlushInterval)
+	defer pace.Stop()
+	failing := false
+	for {
+		select {
+		case <-o.quit:
+			return
+		case <-o.ready:
+		}
+		p, buffer := o.next()
+		for len(p.data) > 0 {
+			ctx, cancel := context.WithTimeout(o.ctx, redisTryTimeout)
+			err := o.write(ctx, p.offset, p.data)
+			cancel()
+			if err == nil {
+				break
+			}
+			if !failing {
+				o.logger.WarnContext(o.ctx, "live output not written; retrying every second", "err", err)
+				failing = true
+			}
+			pace.Reset(outputRetryInterval)
+			select {
+			case <-o.quit:
+				o.mu.Lock()
+				o.unwritten = &p
+				o.mu.Unlock()
+				return
+			case <-pace.C:
+			}
+		}
+		if failing && len(p.data) > 0 {
+			o.logger.InfoContext(o.ctx, "live output written again")
+			failing = false
+		}
+		if buffer {
+			o.recycle(p.data)
+		}
+		if o.pressing() {
+			signal(o.ready)
+			continue
+		}
+		pace.Reset(outputFlushInterval)
+		select {
+		case <-o.quit:
 			return
 		case <-pace.C:
+		case <-o.urge:
 		}
 	}
 }
 
-// stop ends the flusher after the write under way, if any, and returns the
-// offset where the rest of the output goes.
-func (f *outputFlusher) stop() int64 {
-	close(f.quit)
-	<-f.done
-	return f.written
+// releaseWriters makes Write stop waiting for Redis: output that finds
+// both buffers full is dropped. The agent does it when it must end an
+// execution within a bound (shutdown) whatever Redis does.
+func (o *outputStream) releaseWriters() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.released {
+		o.released = true
+		if o.release != nil {
+			close(o.release)
+		}
+	}
+}
+
+// stop ends the flush goroutine after the write under way and returns the
+// output not yet in Redis, in order, for the final write. The sandbox must
+// be done writing.
+func (o *outputStream) stop() []outputPiece {
+	o.mu.Lock()
+	o.stopped = true
+	flushing := o.flushing
+	o.mu.Unlock()
+	if flushing {
+		close(o.quit)
+		<-o.done
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var rest []outputPiece
+	if o.unwritten != nil {
+		rest = append(rest, *o.unwritten)
+	}
+	if p, _ := o.nextLocked(); len(p.data) > 0 {
+		rest = append(rest, p)
+	}
+	if p, _ := o.nextLocked(); len(p.data) > 0 {
+		rest = append(rest, p)
+	}
+	if o.lost > 0 {
+		marker := fmt.Appendf(nil, "\n[flux-agent: %d bytes of output lost: the agent stopped before Redis took them]\n", o.lost)
+		rest = append(rest, outputPiece{offset: o.sent, data: marker})
+	}
+	return rest
+}
+
+// stats says what the output came to.
+func (o *outputStream) stats() outputStats {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return outputStats{total: o.total, truncated: o.truncated}
+}
+
+// replyOutput is the output of a sync execution for its reply: all of it,
+// or what the node's reply budget had room for and a marker.
+func (o *outputStream) replyOutput() []byte {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.replyCut {
+		return o.reply
+	}
+	return fmt.Appendf(o.reply[:len(o.reply):len(o.reply)],
+		"\n[flux-agent: reply cut after %d bytes: the node's memory for sync replies is in use; GetExecution has the whole output]\n", len(o.reply))
+}
+
+// free gives back the buffers and the reply's share of the budget; the
+// stream and what stop and replyOutput returned are not used after it.
+func (o *outputStream) free() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, b := range o.pooled {
+		chunkPool.Put(b)
+	}
+	o.pooled, o.filling, o.spare = nil, nil, nil
+	if o.reserved > 0 {
+		o.budget.release(o.reserved)
+		o.reserved = 0
+	}
+}
+
+// signal wakes whoever waits on c (a channel of capacity 1) without
+// blocking.
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
 }

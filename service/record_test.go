@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -126,5 +128,65 @@ func TestRecordFitsTheBudget(t *testing.T) {
 		if name != "html" && !strings.HasSuffix(back.Output, outputCutMarker) {
 			t.Errorf("%s: no cut marker", name)
 		}
+	}
+}
+
+// The record's output is escaped by the agent's own encoder (so its size is
+// known before it is built); it must write exactly what encoding/json
+// writes, or the record Flux reads changes.
+func TestAppendJSONMatchesEncodingJSON(t *testing.T) {
+	cases := []string{
+		"", "plain", "quote \" backslash \\ slash /", "<html>&amp;</html>",
+		"\b\f\n\r\t\x00\x01\x1f\x7f", "é ü 日本語 🙂", "\u2028\u2029", "\xff\xfe", "\xe2\x82", "a\xe2\x82\xacb",
+		"\xed\xa0\x80", "\xf4\x90\x80\x80", string([]byte{0xc0, 0xaf}),
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 200 {
+		b := make([]byte, rng.IntN(64))
+		for i := range b {
+			b[i] = byte(rng.IntN(256))
+		}
+		cases = append(cases, string(b))
+	}
+	for _, s := range cases {
+		want, err := encodeJSON(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := append(appendJSON([]byte{'"'}, []byte(s)), '"')
+		if !bytes.Equal(got, want) {
+			t.Errorf("%q: got %s, want %s", s, got, want)
+		}
+		if n := jsonLen(s) + 2; n != len(want) {
+			t.Errorf("%q: jsonLen %d, encoded %d", s, n, len(want))
+		}
+	}
+}
+
+// The reply is built once: what marshalWithOutput allocates is the record
+// it returns, whatever the output inflates to.
+func TestRecordEncodesWithoutCopies(t *testing.T) {
+	rec := Record{ExecutionID: "exc-1", AgentID: "a", FunctionName: "f", Status: StatusSuccess, Error: "x"}
+	const budget = 4 << 20
+	output := bytes.Repeat([]byte{1}, 1<<20) // 6 MiB once escaped
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	got, err := rec.marshalWithOutput(output, budget)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) > budget || len(got) < budget-8 {
+		t.Errorf("%d bytes, want just under %d", len(got), budget)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > uint64(len(got))+64<<10 {
+		t.Errorf("allocated %d bytes for a %d-byte record", alloc, len(got))
+	}
+	var back Record
+	if err := json.Unmarshal(got, &back); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasSuffix(back.Output, outputCutMarker) || back.Error != "x" {
+		t.Errorf("cut record: error %q, output ends %q", back.Error, back.Output[len(back.Output)-50:])
 	}
 }

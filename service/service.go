@@ -8,7 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -30,9 +33,29 @@ import (
 // the 3 s deadline Flux gives the call.
 const healthCheckTimeout = time.Second
 
-// finalWriteTimeout bounds the write of a final record, which must happen
-// even when the RPC that started the execution is gone.
-const finalWriteTimeout = 10 * time.Second
+// Defaults of the node-wide memory bounds (Options.SyncOutputBytes,
+// Options.ReplyBytes).
+const (
+	// DefaultSyncOutputBytes is what all running sync executions may keep
+	// of their output for their replies, together: four replies at the
+	// default output limit.
+	DefaultSyncOutputBytes = 64 << 20
+	// DefaultReplyBytes bounds the GetExecution replies being built at
+	// once: enough for the largest (a 48 MiB record built from its output)
+	// or many ordinary ones.
+	DefaultReplyBytes = 96 << 20
+)
+
+// ShutdownAfterGrace bounds what Shutdown does once its grace is over:
+// killing what still runs and writing final records. Past it, Shutdown
+// returns whatever Redis does; what it could not write is settled at the
+// next start.
+const ShutdownAfterGrace = 5 * time.Second
+
+// abandonMargin is the part of ShutdownAfterGrace left for executions to
+// end once their Redis writes are given up: a write under way may block
+// for redisTryTimeout still.
+const abandonMargin = redisTryTimeout + 500*time.Millisecond
 
 // NodeStats is what ReportNodeStatus reads: sampled in the background, read
 // in nanoseconds.
@@ -57,44 +80,74 @@ type Options struct {
 	MaxTasks     int
 	QueueLimit   int
 	KillGrace    time.Duration
-	Sandbox      *sandbox.Sandbox
-	Deployments  *deployments.Store
-	Node         NodeStats
-	IPs          NodeIPs
-	Metrics      Metrics
-	Tracer       trace.TracerProvider
-	Logger       *slog.Logger
+	// DefaultTimeout applies to functions whose timeout_seconds is 0;
+	// 0 means none.
+	DefaultTimeout time.Duration
+	// DefaultMemoryBytes applies to functions whose memory_mb is 0; 0
+	// means none.
+	DefaultMemoryBytes int64
+	// SyncOutputBytes bounds the output all running sync executions keep
+	// for their replies, together; a reply past it is cut with a marker
+	// (the record keeps the whole output). 0 means DefaultSyncOutputBytes.
+	SyncOutputBytes int64
+	// ReplyBytes bounds the memory of the GetExecution replies being
+	// built at once; callers beyond it wait, within their deadline. 0
+	// means DefaultReplyBytes.
+	ReplyBytes  int64
+	Sandbox     *sandbox.Sandbox
+	Deployments *deployments.Store
+	Node        NodeStats
+	IPs         NodeIPs
+	Metrics     Metrics
+	Tracer      trace.TracerProvider
+	Logger      *slog.Logger
 }
 
 // Service is the agent's gRPC AgentService.
 type Service struct {
 	fluxpb.UnimplementedAgentServiceServer
 
-	opts      Options
-	state     *state
-	slots     *slots
-	metrics   Metrics
-	tracer    trace.Tracer
-	logger    *slog.Logger
-	startedAt time.Time
+	opts       Options
+	sandbox    Sandbox
+	code       CodeStore
+	state      *state
+	slots      *slots
+	syncOutput *byteBudget
+	replies    *byteBudget
+	sending    sync.Map    // *fluxpb.GetExecutionResponse → its *replyTicket
+	zeroCopy   atomic.Bool // ServerCodec sends records without a copy
+	metrics    Metrics
+	tracer     trace.Tracer
+	logger     *slog.Logger
+	startedAt  time.Time
 
 	mu        sync.Mutex
-	functions map[string]*fluxpb.FunctionConfig
+	functions map[string]*function
 	active    map[string]*execution
 	draining  bool
-	wg        sync.WaitGroup // one per active execution
-
+	idle      chan struct{} // closed once draining and nothing is active
 }
 
 // New returns a Service. It starts nothing in the background.
 func New(opts Options) (*Service, error) {
+	if opts.Sandbox == nil || opts.Deployments == nil {
+		return nil, errors.New("service: Sandbox and Deployments are required")
+	}
+	return newService(opts, nativeSandbox{opts.Sandbox}, deployedCode{opts.Deployments})
+}
+
+// newService is New with the sandbox and code store as interfaces, which
+// tests fake.
+func newService(opts Options, sb Sandbox, code CodeStore) (*Service, error) {
 	switch {
 	case opts.AgentID == "":
 		return nil, errors.New("service: agent id is required")
-	case opts.Redis == nil, opts.Sandbox == nil, opts.Deployments == nil, opts.Node == nil, opts.IPs == nil:
+	case opts.Redis == nil, sb == nil, code == nil, opts.Node == nil, opts.IPs == nil:
 		return nil, errors.New("service: Redis, Sandbox, Deployments, Node and IPs are required")
 	case opts.OutputLimit <= 0 || opts.ExecutionTTL <= 0:
 		return nil, errors.New("service: output limit and execution TTL must be positive")
+	case opts.DefaultTimeout < 0 || opts.DefaultMemoryBytes < 0 || opts.SyncOutputBytes < 0 || opts.ReplyBytes < 0:
+		return nil, errors.New("service: default limits and memory bounds must not be negative")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -105,16 +158,27 @@ func New(opts Options) (*Service, error) {
 	if opts.Tracer == nil {
 		opts.Tracer = noop.NewTracerProvider()
 	}
+	if opts.SyncOutputBytes == 0 {
+		opts.SyncOutputBytes = DefaultSyncOutputBytes
+	}
+	if opts.ReplyBytes == 0 {
+		opts.ReplyBytes = DefaultReplyBytes
+	}
 	return &Service{
-		opts:      opts,
-		state:     &state{rdb: opts.Redis, agentID: opts.AgentID, ttl: opts.ExecutionTTL},
-		slots:     newSlots(opts.MaxTasks, opts.QueueLimit),
-		metrics:   opts.Metrics,
-		tracer:    opts.Tracer.Tracer(tracerName),
-		logger:    opts.Logger,
-		startedAt: time.Now(),
-		functions: map[string]*fluxpb.FunctionConfig{},
-		active:    map[string]*execution{},
+		opts:       opts,
+		sandbox:    sb,
+		code:       code,
+		state:      &state{rdb: opts.Redis, agentID: opts.AgentID, ttl: opts.ExecutionTTL},
+		slots:      newSlots(opts.MaxTasks, opts.QueueLimit),
+		syncOutput: newByteBudget(opts.SyncOutputBytes),
+		replies:    newByteBudget(opts.ReplyBytes),
+		metrics:    opts.Metrics,
+		tracer:     opts.Tracer.Tracer(tracerName),
+		logger:     opts.Logger,
+		startedAt:  time.Now(),
+		functions:  map[string]*function{},
+		active:     map[string]*execution{},
+		idle:       make(chan struct{}),
 	}, nil
 }
 
@@ -130,7 +194,7 @@ func (s *Service) RegisterFunction(ctx context.Context, fn *fluxpb.FunctionConfi
 		return &fluxpb.FunctionAck{Success: false, Message: "could not store the function: " + err.Error()}, nil
 	}
 	s.mu.Lock()
-	s.functions[fn.GetName()] = fn
+	s.functions[fn.GetName()] = s.newFunction(fn)
 	s.mu.Unlock()
 	s.slots.setLimit(fn.GetName(), int(fn.GetMaxConcurrency()))
 	s.logger.InfoContext(ctx, "function registered", "function", fn.GetName(), "handler", fn.GetHandler(),
@@ -139,30 +203,29 @@ func (s *Service) RegisterFunction(ctx context.Context, fn *fluxpb.FunctionConfi
 	return &fluxpb.FunctionAck{Success: true, Message: "function " + fn.GetName() + " registered"}, nil
 }
 
-// function returns a registered function's config, from memory or, after
-// a restart, from Redis.
-func (s *Service) function(ctx context.Context, name string) (*fluxpb.FunctionConfig, error) {
+// function returns a registered function, from memory or, after a
+// restart, from Redis.
+func (s *Service) function(ctx context.Context, name string) (*function, error) {
 	s.mu.Lock()
 	fn := s.functions[name]
 	s.mu.Unlock()
 	if fn != nil {
 		return fn, nil
 	}
-	fn, err := s.state.loadFunction(ctx, name)
+	cfg, err := s.state.loadFunction(ctx, name)
 	if err != nil {
 		s.metrics.RedisError(ctx, "load_function")
 		return nil, err
 	}
-	if fn == nil {
+	if cfg == nil {
 		return nil, fmt.Errorf("function %s: %w", name, ErrNotRegistered)
 	}
 	s.mu.Lock()
-	if cached := s.functions[name]; cached != nil {
-		fn = cached // a RegisterFunction won the race
-	} else {
+	defer s.mu.Unlock()
+	if fn = s.functions[name]; fn == nil { // a RegisterFunction may have won the race
+		fn = s.newFunction(cfg)
 		s.functions[name] = fn
 	}
-	s.mu.Unlock()
 	return fn, nil
 }
 
@@ -188,10 +251,11 @@ func (s *Service) DeployFunction(ctx context.Context, pkg *fluxpb.DeploymentPack
 			return &fluxpb.DeploymentAck{Message: err.Error()}, nil
 		}
 	} else {
-		var err error
-		if fn, err = s.function(ctx, name); err != nil {
+		registered, err := s.function(ctx, name)
+		if err != nil {
 			return &fluxpb.DeploymentAck{Message: err.Error()}, nil
 		}
+		fn = registered.cfg
 	}
 	start := time.Now()
 	ctx, span := s.tracer.Start(ctx, telemetry.SpanDeploy, trace.WithAttributes(
@@ -266,43 +330,63 @@ func (s *Service) ActiveTasks() int {
 	return len(s.active)
 }
 
-// Shutdown refuses new executions (HealthCheck then says unhealthy), lets
-// running ones finish until ctx is done, then kills what remains; it
-// returns once every final status is written (or could not be). The gRPC
-// server keeps serving meanwhile, so Flux still reads live output and
-// cancels.
-func (s *Service) Shutdown(ctx context.Context) {
+// Shutdown refuses new executions (HealthCheck then says unhealthy),
+// cancels the queued ones, lets running ones finish until ctx is done
+// (the grace), then kills what remains and returns once every final record
+// is written, or ShutdownAfterGrace after the grace, whatever Redis does:
+// it then says how many executions it could not settle (the next start
+// settles them). The gRPC server keeps serving meanwhile, so Flux still
+// reads live output and cancels.
+func (s *Service) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	s.draining = true
-	var queued []*execution
-	for _, e := range s.active {
-		queued = append(queued, e)
+	if !s.draining {
+		s.draining = true
+		if len(s.active) == 0 {
+			close(s.idle)
+		}
 	}
 	s.mu.Unlock()
-	for _, e := range queued {
-		e.cancelIfQueued("the agent shut down before the execution started")
+	for _, e := range s.activeExecutions() {
+		if s.slots.waiting(e.slot) {
+			e.cancel("the agent shut down before the execution started")
+		}
 	}
-	finished := make(chan struct{})
-	go func() {
-		s.wg.Wait()
-		close(finished)
-	}()
 	select {
-	case <-finished:
-		return
+	case <-s.idle:
+		return nil
 	case <-ctx.Done():
 	}
-	s.mu.Lock()
-	remaining := make([]*execution, 0, len(s.active))
-	for _, e := range s.active {
-		remaining = append(remaining, e)
-	}
-	s.mu.Unlock()
+	remaining := s.activeExecutions()
 	s.logger.Warn("shutdown grace is over; killing remaining executions", "count", len(remaining))
 	for _, e := range remaining {
 		e.cancel("the agent shut down before the execution finished")
 	}
-	<-finished
+	abandon := time.NewTimer(ShutdownAfterGrace - abandonMargin)
+	defer abandon.Stop()
+	select {
+	case <-s.idle:
+		return nil
+	case <-abandon.C:
+	}
+	remaining = s.activeExecutions()
+	for _, e := range remaining {
+		e.abandon()
+	}
+	end := time.NewTimer(abandonMargin)
+	defer end.Stop()
+	select {
+	case <-s.idle:
+		return nil
+	case <-end.C:
+		return fmt.Errorf("%d executions did not end within %s of the grace; the next start settles their records", len(s.activeExecutions()), ShutdownAfterGrace)
+	}
+}
+
+// activeExecutions lists the executions admitted and not yet retired.
+func (s *Service) activeExecutions() []*execution {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Collect(maps.Values(s.active))
 }
 
 // Settle marks the executions that a previous run of this agent left
@@ -324,6 +408,9 @@ func toStatus(err error) error {
 		return status.Error(grpccodes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrDuplicateExecution):
 		return status.Error(grpccodes.AlreadyExists, err.Error())
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		// The caller's deadline passed while the agent waited on Redis.
+		return status.FromContextError(err).Err()
 	default:
 		// The agent cannot work right now (shutting down, Redis down): Flux
 		// shows it as a failure to reach the agent, which it is.

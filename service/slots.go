@@ -24,13 +24,14 @@ type slots struct {
 	queue       list.List // of *waiter
 }
 
-// waiter is one execution queued for a slot. ready is closed once the slot
-// is its own.
+// waiter is one execution's claim on a slot: queued for one, holding
+// one, or done with it. ready is closed once the slot is its own.
 type waiter struct {
 	function string
 	limit    int
 	ready    chan struct{}
-	elem     *list.Element
+	elem     *list.Element // in the queue while non-nil
+	held     bool          // holds a slot not yet given back
 }
 
 func newSlots(maxTasks, queueLimit int) *slots {
@@ -48,21 +49,25 @@ func (s *slots) fits(function string, limit int) error {
 	return nil
 }
 
-// tryAcquire takes a slot for function, limited to limit concurrent
+// acquire takes a slot for function, limited to limit concurrent
 // executions (0 = unlimited), or says why it cannot.
-func (s *slots) tryAcquire(function string, limit int) error {
+func (s *slots) acquire(function string, limit int) (*waiter, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.fits(function, limit); err != nil {
-		return err
+		return nil, err
 	}
-	s.take(function)
-	return nil
+	w := &waiter{function: function, limit: limit, ready: make(chan struct{})}
+	s.grant(w)
+	return w, nil
 }
 
-func (s *slots) take(function string) {
+// grant gives w a slot; mu held.
+func (s *slots) grant(w *waiter) {
 	s.running++
-	s.perFunction[function]++
+	s.perFunction[w.function]++
+	w.held = true
+	close(w.ready)
 }
 
 // enqueue takes a slot at once if one is free (ready already closed), or
@@ -72,8 +77,7 @@ func (s *slots) enqueue(function string, limit int) (*waiter, error) {
 	defer s.mu.Unlock()
 	w := &waiter{function: function, limit: limit, ready: make(chan struct{})}
 	if s.fits(function, limit) == nil {
-		s.take(function)
-		close(w.ready)
+		s.grant(w)
 		return w, nil
 	}
 	if s.queue.Len() >= s.queueLimit {
@@ -83,8 +87,15 @@ func (s *slots) enqueue(function string, limit int) (*waiter, error) {
 	return w, nil
 }
 
+// waiting reports whether w is still queued.
+func (s *slots) waiting(w *waiter) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return w.elem != nil
+}
+
 // leave takes a waiter out of the queue. It returns false when the waiter
-// already holds a slot, which the caller must then release.
+// is not queued (it holds a slot, or is done).
 func (s *slots) leave(w *waiter) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -96,15 +107,23 @@ func (s *slots) leave(w *waiter) bool {
 	return true
 }
 
-// release frees a slot of function and starts what waits for it.
-func (s *slots) release(function string) {
+// giveBack ends w's claim: it leaves the queue, or its slot goes to what
+// waits for one. Calling it again does nothing.
+func (s *slots) giveBack(w *waiter) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.running--
-	if s.perFunction[function]--; s.perFunction[function] <= 0 {
-		delete(s.perFunction, function)
+	switch {
+	case w.elem != nil:
+		s.queue.Remove(w.elem)
+		w.elem = nil
+	case w.held:
+		w.held = false
+		s.running--
+		if s.perFunction[w.function]--; s.perFunction[w.function] <= 0 {
+			delete(s.perFunction, w.function)
+		}
+		s.dispatch()
 	}
-	s.dispatch()
 }
 
 // setLimit applies a function's new max_concurrency to the executions
@@ -128,8 +147,7 @@ func (s *slots) dispatch() {
 		if s.fits(w.function, w.limit) == nil {
 			s.queue.Remove(e)
 			w.elem = nil
-			s.take(w.function)
-			close(w.ready)
+			s.grant(w)
 		} else if s.maxTasks > 0 && s.running >= s.maxTasks {
 			break
 		}

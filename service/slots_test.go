@@ -8,23 +8,25 @@ import (
 func TestSlotsLimits(t *testing.T) {
 	s := newSlots(3, 10)
 	for i := 0; i < 2; i++ {
-		if err := s.tryAcquire("a", 2); err != nil {
+		if _, err := s.acquire("a", 2); err != nil {
 			t.Fatalf("a #%d: %v", i, err)
 		}
 	}
-	err := s.tryAcquire("a", 2)
+	_, err := s.acquire("a", 2)
 	if !errors.Is(err, ErrAtCapacity) || err.Error() != "function a is at capacity (max_concurrency 2)" {
 		t.Errorf("third a: %v", err)
 	}
-	if err := s.tryAcquire("b", 0); err != nil {
+	b, err := s.acquire("b", 0)
+	if err != nil {
 		t.Fatalf("b: %v", err)
 	}
-	err = s.tryAcquire("c", 0)
+	_, err = s.acquire("c", 0)
 	if !errors.Is(err, ErrAtCapacity) || err.Error() != "agent is at capacity (max_tasks 3)" {
 		t.Errorf("node full: %v", err)
 	}
-	s.release("b")
-	if err := s.tryAcquire("c", 0); err != nil {
+	s.giveBack(b)
+	s.giveBack(b) // a second give-back frees nothing more
+	if _, err := s.acquire("c", 0); err != nil {
 		t.Errorf("after a release: %v", err)
 	}
 	if running, queued := s.counts(); running != 3 || queued != 0 {
@@ -41,7 +43,7 @@ func TestSlotsQueueFIFO(t *testing.T) {
 	var waiting []*waiter
 	for i := 0; i < 3; i++ {
 		w, err := s.enqueue("f", 1)
-		if err != nil || isClosed(w.ready) {
+		if err != nil || isClosed(w.ready) || !s.waiting(w) {
 			t.Fatalf("#%d should queue: %v", i, err)
 		}
 		waiting = append(waiting, w)
@@ -56,17 +58,18 @@ func TestSlotsQueueFIFO(t *testing.T) {
 	if !s.leave(waiting[1]) {
 		t.Fatal("leave of a queued waiter")
 	}
-	s.release("f")
+	s.giveBack(first)
 	if !isClosed(waiting[0].ready) || isClosed(waiting[2].ready) {
 		t.Fatal("the oldest waiter must get the slot")
 	}
 	if s.leave(waiting[0]) {
 		t.Error("leave of a waiter that holds a slot must say so")
 	}
-	s.release("f")
+	s.giveBack(waiting[0])
 	if !isClosed(waiting[2].ready) {
 		t.Fatal("the next waiter must get the slot")
 	}
+	s.giveBack(waiting[1]) // left the queue already: nothing to give back
 	if running, queued := s.counts(); running != 2 || queued != 0 {
 		t.Errorf("counts = %d, %d", running, queued)
 	}
@@ -84,14 +87,15 @@ func TestSlotsNoQueue(t *testing.T) {
 
 func TestSlotsNodeLimitWakesOtherFunctions(t *testing.T) {
 	s := newSlots(1, 10)
-	if err := s.tryAcquire("a", 0); err != nil {
+	a, err := s.acquire("a", 0)
+	if err != nil {
 		t.Fatal(err)
 	}
 	w, err := s.enqueue("b", 0)
 	if err != nil || isClosed(w.ready) {
 		t.Fatalf("b should wait for the node: %v", err)
 	}
-	s.release("a")
+	s.giveBack(a)
 	if !isClosed(w.ready) {
 		t.Error("b should start once the node has room")
 	}

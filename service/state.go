@@ -66,21 +66,18 @@ func (s *state) loadFunction(ctx context.Context, name string) (*fluxpb.Function
 	return fn, nil
 }
 
-// createRecord stores the first record of an execution and notes it as
-// running. It returns false when the execution id was already used on this
-// agent. One round trip: the two keys live in different Cluster slots, so
-// this is a plain pipeline; a stale member of the running set (the id was
-// taken) is harmless, settle skips final records.
-func (s *state) createRecord(ctx context.Context, rec *Record) (bool, error) {
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return false, fmt.Errorf("encode record %s: %w", rec.ExecutionID, err)
-	}
+// createRecord stores the first record of an execution (data, already
+// encoded) and, unless it is final, notes it as running. It returns false
+// when the execution id was already used on this agent. One round trip:
+// the two keys live in different Cluster slots, so this is a plain
+// pipeline; a stale member of the running set (the id was taken) is
+// harmless, settle skips final records.
+func (s *state) createRecord(ctx context.Context, id string, data []byte, final bool) (bool, error) {
 	var set *redis.StatusCmd
-	_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		set = p.SetArgs(ctx, s.recordKey(rec.ExecutionID), data, redis.SetArgs{Mode: "NX", TTL: s.ttl})
-		if !rec.Final() {
-			p.SAdd(ctx, s.runningKey(), rec.ExecutionID)
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		set = p.SetArgs(ctx, s.recordKey(id), data, redis.SetArgs{Mode: "NX", TTL: s.ttl})
+		if !final {
+			p.SAdd(ctx, s.runningKey(), id)
 		}
 		return nil
 	})
@@ -88,7 +85,7 @@ func (s *state) createRecord(ctx context.Context, rec *Record) (bool, error) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("create record %s: %w", rec.ExecutionID, err)
+		return false, fmt.Errorf("create record %s: %w", id, err)
 	}
 	return set.Val() == "OK", nil
 }
@@ -105,12 +102,19 @@ func (s *state) updateRecord(ctx context.Context, rec *Record) error {
 	return nil
 }
 
+// setRange queues a write of chunk at offset. The bytes go to the
+// connection as they are (a string conversion would copy each chunk), and
+// the write is idempotent: a retried write cannot duplicate output, as an
+// APPEND would.
+func (s *state) setRange(ctx context.Context, p redis.Pipeliner, id string, offset int64, chunk []byte) {
+	p.Do(ctx, "setrange", s.outputKey(id), offset, chunk)
+}
+
 // writeOutput stores output bytes at their offset. The cost is the chunk,
-// never the whole output so far, and a retried write cannot duplicate
-// output (SETRANGE is idempotent, APPEND is not).
+// never the whole output so far.
 func (s *state) writeOutput(ctx context.Context, id string, offset int64, chunk []byte) error {
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		p.SetRange(ctx, s.outputKey(id), offset, string(chunk))
+		s.setRange(ctx, p, id, offset, chunk)
 		p.Expire(ctx, s.outputKey(id), s.ttl)
 		return nil
 	})
@@ -121,17 +125,18 @@ func (s *state) writeOutput(ctx context.Context, id string, offset int64, chunk 
 }
 
 // finishRecord writes the last output, then the final record, then takes
-// the execution off the running set. The record and output share a slot
-// (one node, one connection), so a reader never sees the final status
-// before all the output; the write is idempotent and may be retried.
-func (s *state) finishRecord(ctx context.Context, rec *Record, offset int64, lastChunk []byte) error {
+// the execution off the running set, in one round trip. The record and
+// output share a slot (one node, one connection), so a reader never sees
+// the final status before all the output; the write is idempotent and may
+// be retried.
+func (s *state) finishRecord(ctx context.Context, rec *Record, rest []outputPiece) error {
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encode record %s: %w", rec.ExecutionID, err)
 	}
 	_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		if len(lastChunk) > 0 {
-			p.SetRange(ctx, s.outputKey(rec.ExecutionID), offset, string(lastChunk))
+		for _, piece := range rest {
+			s.setRange(ctx, p, rec.ExecutionID, piece.offset, piece.data)
 		}
 		p.Set(ctx, s.recordKey(rec.ExecutionID), data, s.ttl)
 		p.Expire(ctx, s.outputKey(rec.ExecutionID), s.ttl)
@@ -176,7 +181,7 @@ func (s *state) settle(ctx context.Context, reason string) (int, error) {
 		if rec != nil && !rec.Final() {
 			now := time.Now().UTC()
 			rec.Status, rec.Error, rec.StatusAt, rec.Queued = StatusFailed, reason, &now, false
-			if err := s.finishRecord(ctx, rec, 0, nil); err != nil {
+			if err := s.finishRecord(ctx, rec, nil); err != nil {
 				return settled, err
 			}
 			settled++
@@ -189,36 +194,55 @@ func (s *state) settle(ctx context.Context, reason string) (int, error) {
 	return settled, nil
 }
 
-// recordJSON returns the record as Flux reads it, output included, and
-// false when there is no such execution.
-func (s *state) recordJSON(ctx context.Context, id string) ([]byte, bool, error) {
+// storedRecord is a record as read from Redis, with the start of its
+// output and the output's whole length.
+type storedRecord struct {
+	rec       Record
+	output    []byte // the first bytes of the output, up to the read's limit
+	outputLen int64
+}
+
+// readRecord reads an execution's record, at most head bytes of its output
+// and the output's length, in one round trip; nil when there is no such
+// execution. Most outputs are short and come whole with it; a longer one
+// is read by readOutput once the reply's memory is granted.
+func (s *state) readRecord(ctx context.Context, id string, head int64) (*storedRecord, error) {
 	var recCmd, outCmd *redis.StringCmd
+	var lenCmd *redis.IntCmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		recCmd = p.Get(ctx, s.recordKey(id))
-		outCmd = p.Get(ctx, s.outputKey(id))
+		outCmd = p.GetRange(ctx, s.outputKey(id), 0, head-1)
+		lenCmd = p.StrLen(ctx, s.outputKey(id))
 		return nil
 	})
 	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, false, fmt.Errorf("read record %s: %w", id, err)
+		return nil, fmt.Errorf("read record %s: %w", id, err)
 	}
 	data, err := recCmd.Bytes()
 	if errors.Is(err, redis.Nil) {
-		return nil, false, nil
+		return nil, nil
 	}
 	if err != nil {
-		return nil, false, fmt.Errorf("read record %s: %w", id, err)
+		return nil, fmt.Errorf("read record %s: %w", id, err)
 	}
-	output, err := outCmd.Bytes()
+	var sr storedRecord
+	if err := json.Unmarshal(data, &sr.rec); err != nil {
+		return nil, fmt.Errorf("decode record %s: %w", id, err)
+	}
+	if sr.output, err = outCmd.Bytes(); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("read output of %s: %w", id, err)
+	}
+	if sr.outputLen, err = lenCmd.Result(); err != nil {
+		return nil, fmt.Errorf("read output of %s: %w", id, err)
+	}
+	return &sr, nil
+}
+
+// readOutput reads the first n bytes of an execution's output.
+func (s *state) readOutput(ctx context.Context, id string, n int64) ([]byte, error) {
+	out, err := s.rdb.GetRange(ctx, s.outputKey(id), 0, n-1).Bytes()
 	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, false, fmt.Errorf("read output of %s: %w", id, err)
+		return nil, fmt.Errorf("read output of %s: %w", id, err)
 	}
-	var rec Record
-	if err := json.Unmarshal(data, &rec); err != nil {
-		return nil, false, fmt.Errorf("decode record %s: %w", id, err)
-	}
-	out, err := rec.marshalWithOutput(output, maxRecordBytes)
-	if err != nil {
-		return nil, false, fmt.Errorf("encode record %s: %w", id, err)
-	}
-	return out, true, nil
+	return out, nil
 }
