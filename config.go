@@ -44,12 +44,13 @@ const (
 
 // The shutdown has to fit the service manager's patience: after
 // shutdown_grace, what is still running is killed and its final record
-// written, which may take finalRecordBudget when Redis is slow, and all of
-// it before stopTimeout, when systemd (TimeoutStopSec= in
-// packaging/flux-agent.service) kills the agent outright.
+// written (service.ShutdownAfterGrace at most, whatever Redis does), the
+// servers stop and telemetry is flushed, all before stopTimeout, when
+// systemd (TimeoutStopSec= in packaging/flux-agent.service) kills the agent
+// outright.
 const (
 	stopTimeout       = 45 * time.Second
-	finalRecordBudget = 10 * time.Second
+	finalRecordBudget = service.ShutdownAfterGrace + grpcStopTimeout + metricsStopTimeout + telemetryFlushTimeout
 )
 
 // Config is the agent's whole configuration: a YAML file, then environment
@@ -243,10 +244,12 @@ func (c *Config) ListenAddr() string {
 // the service's collaborators.
 func (c *Config) serviceLimits() service.Options {
 	return service.Options{
-		ExecutionTTL: c.ExecutionTTL,
-		OutputLimit:  int64(c.OutputLimit),
-		MaxTasks:     c.MaxTasks.Resolve(runtime.NumCPU()),
-		QueueLimit:   c.QueueLimit,
-		KillGrace:    c.Sandbox.KillGrace,
+		ExecutionTTL:       c.ExecutionTTL,
+		OutputLimit:        int64(c.OutputLimit),
+		MaxTasks:           c.MaxTasks.Resolve(runtime.NumCPU()),
+		QueueLimit:         c.QueueLimit,
+		KillGrace:          c.Sandbox.KillGrace,
+		DefaultTimeout:     c.DefaultTimeout,
+		DefaultMemoryBytes: int64(c.DefaultMemory),
 	}
 }

@@ -115,7 +115,8 @@ func TestServiceLimits(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.ExecutionTTL, cfg.OutputLimit, cfg.QueueLimit, cfg.Sandbox.KillGrace = time.Hour, 1<<20, 7, 3*time.Second
 	got := cfg.serviceLimits()
-	want := service.Options{ExecutionTTL: time.Hour, OutputLimit: 1 << 20, MaxTasks: TasksPerCPU * runtime.NumCPU(), QueueLimit: 7, KillGrace: 3 * time.Second}
+	want := service.Options{ExecutionTTL: time.Hour, OutputLimit: 1 << 20, MaxTasks: TasksPerCPU * runtime.NumCPU(), QueueLimit: 7, KillGrace: 3 * time.Second,
+		DefaultTimeout: DefaultFunctionTimeout, DefaultMemoryBytes: DefaultFunctionMemory}
 	if diff := cmp.Diff(want, got, cmpopts.IgnoreUnexported(service.Options{})); diff != "" {
 		t.Errorf("serviceLimits (-want +got):\n%s", diff)
 	}

@@ -196,7 +196,7 @@ var badValues = []struct {
 	{"output_limit", "64MiB", "between 1KiB and 48MiB"},
 	{"shutdown_grace", "soon", "not a duration"},
 	{"shutdown_grace", "-1s", "must not be negative"},
-	{"shutdown_grace", "36s", "set it to 35s or less"},
+	{"shutdown_grace", "34s", "set it to 33s or less"},
 	{"tls.enabled", "maybe", "not true or false"},
 	{"network.node_private_ip", "10.0.0", "not an IP address"},
 	{"network.node_public_ip", "::g", "not an IP address"},
@@ -370,7 +370,7 @@ func TestShutdownGraceFitsTheStopTimeout(t *testing.T) {
 	if want := fmt.Sprintf("\nTimeoutStopSec=%ds\n", int(stopTimeout.Seconds())); !strings.Contains(string(unit), want) {
 		t.Errorf("packaging/flux-agent.service lacks %q: stopTimeout is out of step", strings.TrimSpace(want))
 	}
-	for grace, ok := range map[string]bool{"0s": true, "35s": true, "35.5s": false, "1m": false} {
+	for grace, ok := range map[string]bool{"0s": true, "30s": true, "33s": true, "33.5s": false, "1m": false} {
 		_, err := load(t, map[string]string{"AGENT_CONFIG": writeConfig(t, "shutdown_grace: "+grace+"\n")})
 		if (err == nil) != ok {
 			t.Errorf("shutdown_grace %s: %v", grace, err)

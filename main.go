@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -108,7 +109,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if err := serve(ctx, cfg, logger); err != nil {
-		logger.Error("flux-agent stopped", "error", err)
+		logger.Error("flux-agent stopped", "err", err)
 		return 1
 	}
 	return 0
@@ -131,63 +132,123 @@ every key:
 
 // serve runs the agent until ctx is cancelled (a signal), then shuts down.
 func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
-	host, _ := os.Hostname()
-	tel, err := telemetry.Setup(ctx, cfg.telemetryConfig(version, host, logger))
-	if err != nil {
-		return fmt.Errorf("telemetry: %w", err)
+	if _, set := os.LookupEnv("GOMEMLIMIT"); !set {
+		// The heap the agent needs beside the memory bounds it keeps
+		// (sync outputs, GetExecution replies): the collector works harder
+		// near it instead of letting a burst of big records grow the heap.
+		debug.SetMemoryLimit(defaultMemoryLimit)
 	}
-	tel.SetGlobal()
-	defer func() {
-		flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), telemetryFlushTimeout)
-		defer cancel()
-		err = errors.Join(err, tel.Shutdown(flushCtx))
-	}()
-
-	redisOpts := cfg.RedisOptions()
-	redisOpts.ClientName = "flux-agent:" + cfg.AgentID
-	rdb := redis.NewUniversalClient(redisOpts)
-	defer rdb.Close()
-	if err := telemetry.InstrumentRedis(rdb, tel.TracerProvider); err != nil {
-		return fmt.Errorf("redis tracing: %w", err)
-	}
-
-	redisAddrs := func(ctx context.Context) ([]netip.Addr, error) {
-		return service.RedisAddresses(ctx, rdb, redisOpts.Addrs)
-	}
-	sb, err := sandbox.New(cfg.sandboxConfig(logger, redisAddrs))
-	if err != nil {
-		return fmt.Errorf("sandbox: %w", err)
-	}
-	defer sb.Close()
-
-	store, err := deployments.Open(cfg.AppsDir, cfg.deployOptions(logger))
-	if err != nil {
-		return fmt.Errorf("apps_dir: %w", err)
-	}
-	defer store.Close()
-
-	sampler, err := nodeinfo.NewSampler("/proc", 0, logger)
-	if err != nil {
-		return fmt.Errorf("node figures: %w", err)
-	}
-	defer sampler.Close()
-	ips := nodeinfo.StartIPs(cfg.Network.NodePrivateIP, cfg.Network.NodePublicIP, cfg.Network.PublicIPURL,
-		&http.Client{Timeout: nodeinfo.DefaultPublicIPTimeout}, logger)
-	defer ips.Close()
-
-	svcOpts := cfg.serviceLimits()
-	svcOpts.AgentID, svcOpts.Version = cfg.AgentID, version
-	svcOpts.Redis, svcOpts.Sandbox, svcOpts.Deployments = rdb, sb, store
-	svcOpts.Node, svcOpts.IPs = sampler, ips
-	svcOpts.Metrics, svcOpts.Tracer, svcOpts.Logger = tel.Metrics, tel.TracerProvider, logger
-	svc, err := service.New(svcOpts)
+	a, err := newAgent(ctx, cfg, logger)
 	if err != nil {
 		return err
 	}
+	err = a.Run(ctx)
+	if cerr := a.Close(); cerr != nil {
+		err = errors.Join(err, cerr)
+	}
+	if err == nil {
+		logger.Info("flux-agent stopped")
+	}
+	return err
+}
 
-	serverOpts := []grpc.ServerOption{
+// defaultMemoryLimit is the Go heap's soft limit unless GOMEMLIMIT says
+// otherwise: service.DefaultSyncOutputBytes and DefaultReplyBytes plus
+// what the agent needs beside them.
+const defaultMemoryLimit = 192 << 20
+
+// agent is one running flux-agent: every part, made by newAgent, served by
+// Run, and closed by Close in the order written there.
+type agent struct {
+	cfg Config
+	log *slog.Logger
+
+	tel      *telemetry.Telemetry
+	rdb      redis.UniversalClient
+	sandbox  *sandbox.Sandbox
+	store    *deployments.Store
+	sampler  *nodeinfo.Sampler
+	ips      *nodeinfo.IPs
+	svc      *service.Service
+	grpc     *grpc.Server
+	health   *health.Server
+	listener net.Listener
+	metrics  *telemetry.HTTPServer
+}
+
+// newAgent makes every part of the agent and binds its ports; whatever
+// fails, nothing is left running.
+func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, err error) {
+	a := &agent{cfg: cfg, log: logger}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, a.Close())
+		}
+	}()
+	host, _ := os.Hostname()
+	if a.tel, err = telemetry.Setup(ctx, cfg.telemetryConfig(version, host, logger)); err != nil {
+		return nil, fmt.Errorf("telemetry: %w", err)
+	}
+	a.tel.SetGlobal()
+
+	redisOpts := cfg.RedisOptions()
+	redisOpts.ClientName = "flux-agent:" + cfg.AgentID
+	a.rdb = redis.NewUniversalClient(redisOpts)
+	if err := telemetry.InstrumentRedis(a.rdb, a.tel.TracerProvider); err != nil {
+		return nil, fmt.Errorf("redis tracing: %w", err)
+	}
+	redisAddrs := func(ctx context.Context) ([]netip.Addr, error) {
+		return service.RedisAddresses(ctx, a.rdb, redisOpts.Addrs)
+	}
+	if a.sandbox, err = sandbox.New(cfg.sandboxConfig(logger, redisAddrs)); err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	if a.store, err = deployments.Open(cfg.AppsDir, cfg.deployOptions(logger)); err != nil {
+		return nil, fmt.Errorf("apps_dir: %w", err)
+	}
+	if a.sampler, err = nodeinfo.NewSampler("/proc", 0, logger); err != nil {
+		return nil, fmt.Errorf("node figures: %w", err)
+	}
+	a.ips = nodeinfo.StartIPs(cfg.Network.NodePrivateIP, cfg.Network.NodePublicIP, cfg.Network.PublicIPURL,
+		&http.Client{Timeout: nodeinfo.DefaultPublicIPTimeout}, logger)
+
+	svcOpts := cfg.serviceLimits()
+	svcOpts.AgentID, svcOpts.Version = cfg.AgentID, version
+	svcOpts.Redis, svcOpts.Sandbox, svcOpts.Deployments = a.rdb, a.sandbox, a.store
+	svcOpts.Node, svcOpts.IPs = a.sampler, a.ips
+	svcOpts.Metrics, svcOpts.Tracer, svcOpts.Logger = a.tel.Metrics, a.tel.TracerProvider, logger
+	if a.svc, err = service.New(svcOpts); err != nil {
+		return nil, err
+	}
+	if a.grpc, a.health, err = newGRPCServer(cfg, a.svc, a.tel); err != nil {
+		return nil, err
+	}
+	if a.listener, err = net.Listen("tcp", cfg.ListenAddr()); err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr(), err)
+	}
+	if cfg.Telemetry.MetricsAddress != "" {
+		if a.metrics, err = telemetry.ListenHTTP(cfg.Telemetry.MetricsAddress, a.tel.PrometheusHandler, a.svc.Ready, logger); err != nil {
+			return nil, fmt.Errorf("telemetry.metrics_address: %w", err)
+		}
+	}
+	if err := a.tel.Metrics.ObserveNode(nodeSample(a.sampler)); err != nil {
+		logger.Warn("node metrics not registered", "err", err)
+	}
+	iso := a.sandbox.Isolation()
+	if err := a.tel.Metrics.Isolation(ctx, iso.Cgroup, iso.User, len(iso.Degraded) > 0); err != nil {
+		logger.Warn("isolation metric not registered", "err", err)
+	}
+	return a, nil
+}
+
+// newGRPCServer is the server Flux talks to: AgentService, gRPC health and
+// reflection, messages up to maxMessageBytes, mutual TLS when configured,
+// and the GetExecution reply handed to gRPC without a copy.
+func newGRPCServer(cfg Config, svc *service.Service, tel *telemetry.Telemetry) (*grpc.Server, *health.Server, error) {
+	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(maxMessageBytes),
 		grpc.MaxSendMsgSize(maxMessageBytes),
+		grpc.ForceServerCodecV2(svc.ServerCodec()),
 		grpc.StatsHandler(otelgrpc.NewServerHandler(
 			otelgrpc.WithTracerProvider(tel.TracerProvider),
 			otelgrpc.WithMeterProvider(tel.MeterProvider),
@@ -197,87 +258,116 @@ func serve(ctx context.Context, cfg Config, logger *slog.Logger) (err error) {
 	if cfg.TLS.Enabled {
 		tlsCfg, err := cfg.TLSServerConfig()
 		if err != nil {
-			return err
+			return nil, nil, err
 		}
-		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+		opts = append(opts, grpc.Creds(credentials.NewTLS(tlsCfg)))
 	}
-	server := grpc.NewServer(serverOpts...)
+	server := grpc.NewServer(opts...)
 	fluxpb.RegisterAgentServiceServer(server, svc)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(server, healthServer)
 	reflection.Register(server)
+	return server, healthServer, nil
+}
 
-	lis, err := net.Listen("tcp", cfg.ListenAddr())
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr(), err)
-	}
-	var metricsServer *telemetry.HTTPServer
-	if cfg.Telemetry.MetricsAddress != "" {
-		metricsServer, err = telemetry.ListenHTTP(cfg.Telemetry.MetricsAddress, tel.PrometheusHandler, svc.Ready, logger)
-		if err != nil {
-			lis.Close()
-			return fmt.Errorf("telemetry.metrics_address: %w", err)
-		}
-	}
-	if err := tel.Metrics.ObserveNode(nodeSample(sampler)); err != nil {
-		logger.Warn("node metrics not registered", "error", err)
-	}
-	iso := sb.Isolation()
-	if err := tel.Metrics.Isolation(ctx, iso.Cgroup, iso.User, len(iso.Degraded) > 0); err != nil {
-		logger.Warn("isolation metric not registered", "error", err)
-	}
-
+// Run settles what an earlier run left, serves until ctx ends, then lets
+// running executions finish within the shutdown grace while gRPC still
+// answers Flux's GetExecution, CancelExecution and HealthCheck (now
+// unhealthy).
+func (a *agent) Run(ctx context.Context) error {
 	settleCtx, cancelSettle := context.WithTimeout(ctx, 10*time.Second)
-	if n, err := svc.Settle(settleCtx); err != nil {
-		logger.Warn("executions left running by an earlier run were not settled", "error", err)
+	if n, err := a.svc.Settle(settleCtx); err != nil {
+		a.log.Warn("executions left running by an earlier run were not settled", "err", err)
 	} else if n > 0 {
-		logger.Warn("marked executions left running by an earlier run as failed", "count", n)
+		a.log.Warn("marked executions left running by an earlier run as failed", "count", n)
 	}
 	cancelSettle()
 
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- server.Serve(lis) }()
-	logger.Info("flux-agent started",
-		"version", version, "commit", commit, "agent_id", cfg.AgentID,
-		"grpc_address", lis.Addr().String(), "tls", cfg.TLS.Enabled,
-		"metrics_address", addrOf(metricsServer), "redis_addr", cfg.RedisAddr.String(),
-		"apps_dir", cfg.AppsDir, "max_tasks", svcOpts.MaxTasks,
-		"isolation_cgroup", iso.Cgroup, "isolation_user", iso.User, "isolation_degraded", iso.Degraded,
-		"node_private_ip", ips.PrivateIP())
-	healthServer.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	healthServer.SetServingStatus(fluxpb.AgentService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	go func() { serveErr <- a.grpc.Serve(a.listener) }()
+	iso := a.sandbox.Isolation()
+	a.log.Info("flux-agent started",
+		"version", version, "commit", commit, "agent_id", a.cfg.AgentID,
+		"grpc_address", a.listener.Addr().String(), "tls", a.cfg.TLS.Enabled,
+		"metrics_address", addrOf(a.metrics), "redis_addr", a.cfg.RedisAddr.String(),
+		"apps_dir", a.cfg.AppsDir, "max_tasks", a.cfg.MaxTasks.Resolve(runtime.NumCPU()),
+		"isolation_cgroup", iso.Cgroup, "isolation_user", iso.User, "isolation_uid_range", iso.UIDRange.String(),
+		"isolation_network", iso.Network, "isolation_namespaces", iso.Namespaces, "isolation_degraded", iso.Degraded,
+		"node_private_ip", a.ips.PrivateIP())
+	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.health.SetServingStatus(fluxpb.AgentService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 
 	select {
 	case <-ctx.Done():
-		logger.Info("shutting down", "grace", cfg.ShutdownGrace, "active_tasks", svc.ActiveTasks())
+		a.log.Info("shutting down", "grace", a.cfg.ShutdownGrace, "active_tasks", a.svc.ActiveTasks())
 	case err := <-serveErr:
 		return fmt.Errorf("grpc server: %w", err)
 	}
-	// Executions drain first while the server still answers Flux's
-	// GetExecution, CancelExecution and HealthCheck (now unhealthy).
-	healthServer.Shutdown()
-	graceCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownGrace)
+	a.health.Shutdown()
+	graceCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.cfg.ShutdownGrace)
 	defer cancel()
-	svc.Shutdown(graceCtx)
-	stopped := make(chan struct{})
-	go func() {
-		server.GracefulStop()
-		close(stopped)
-	}()
-	select {
-	case <-stopped:
-	case <-time.After(time.Second):
-		server.Stop() // a client holding a stream open must not hold us
-		<-stopped
+	if err := a.svc.Shutdown(graceCtx); err != nil {
+		a.log.Warn("shutdown: not every execution was settled; the next start settles the rest", "err", err)
 	}
-	var shutdownErr error
-	if metricsServer != nil {
-		closeCtx, cancelClose := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		defer cancelClose()
-		shutdownErr = metricsServer.Close(closeCtx)
+	return nil
+}
+
+// grpcStopTimeout bounds waiting for clients that hold streams open;
+// metricsStopTimeout for requests in flight on the metrics endpoint.
+const (
+	grpcStopTimeout    = time.Second
+	metricsStopTimeout = time.Second
+)
+
+// Close stops what newAgent made, in this order: the gRPC server (after a
+// short graceful stop) and the metrics endpoint, so nothing new comes in;
+// the sandbox, which kills anything still running and removes its slots,
+// cgroups and network table; the code store, the node samplers and the
+// Redis client; telemetry last, so the spans of the shutdown are flushed.
+// Every step runs whatever failed before it.
+func (a *agent) Close() error {
+	var errs []error
+	if a.grpc != nil {
+		stopped := make(chan struct{})
+		go func() {
+			a.grpc.GracefulStop()
+			close(stopped)
+		}()
+		select {
+		case <-stopped:
+		case <-time.After(grpcStopTimeout):
+			a.grpc.Stop()
+			<-stopped
+		}
+	} else if a.listener != nil {
+		errs = append(errs, a.listener.Close())
 	}
-	logger.Info("flux-agent stopped")
-	return shutdownErr
+	if a.metrics != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), metricsStopTimeout)
+		errs = append(errs, a.metrics.Close(ctx))
+		cancel()
+	}
+	if a.sandbox != nil {
+		errs = append(errs, a.sandbox.Close())
+	}
+	if a.store != nil {
+		errs = append(errs, a.store.Close())
+	}
+	if a.sampler != nil {
+		errs = append(errs, a.sampler.Close())
+	}
+	if a.ips != nil {
+		errs = append(errs, a.ips.Close())
+	}
+	if a.rdb != nil {
+		errs = append(errs, a.rdb.Close())
+	}
+	if a.tel != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), telemetryFlushTimeout)
+		errs = append(errs, a.tel.Shutdown(ctx))
+		cancel()
+	}
+	return errors.Join(errs...)
 }
 
 func nodeSample(s *nodeinfo.Sampler) func(context.Context) (telemetry.NodeSample, error) {

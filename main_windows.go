@@ -12,7 +12,7 @@ import (
 
 // serviceStopHint is what the service manager is told a stop may take: the
 // default shutdown grace and the final writes.
-const serviceStopHint = 45 * time.Second
+const serviceStopHint = stopTimeout
 
 // runUntilStopped runs the agent as a Windows service when the service
 // manager started it (stop and shutdown requests end it gracefully), and

@@ -50,26 +50,18 @@ type Code struct {
 	Release func()
 }
 
-// nativeSandbox adapts *sandbox.Sandbox to Sandbox.
-//
-// Until the sandbox can hold a process (sandbox.Spec.Hold), Start runs the
-// function at once and Resume does nothing: a process whose execution id
-// turns out to be taken may then run a few instructions before Cancel
-// kills it.
+// nativeSandbox adapts *sandbox.Sandbox to Sandbox: every process starts
+// held, so a duplicate id never runs an instruction of the function.
 type nativeSandbox struct{ sb *sandbox.Sandbox }
 
 func (n nativeSandbox) Start(ctx context.Context, spec sandbox.Spec) (Process, error) {
+	spec.Hold = true
 	p, err := n.sb.Start(ctx, spec)
 	if err != nil {
 		return nil, err
 	}
-	return runningProcess{p}, nil
+	return p, nil
 }
-
-// runningProcess is a *sandbox.Process that was never held.
-type runningProcess struct{ *sandbox.Process }
-
-func (runningProcess) Resume() error { return nil }
 
 // deployedCode adapts *deployments.Store to CodeStore.
 type deployedCode struct{ store *deployments.Store }
