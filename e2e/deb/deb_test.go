@@ -109,6 +109,7 @@ func TestDebPackage(t *testing.T) {
 	}
 	restoreRunner := saveRunnerUser(t)
 	t.Cleanup(restoreRunner)
+	t.Cleanup(saveFiles(t, "/etc/subuid", "/etc/subgid"))
 	purgeLeftover(t)
 	t.Cleanup(func() { purgeLeftover(t) })
 
@@ -247,6 +248,7 @@ func checkDeb(t *testing.T, root string, rel release, arch, deb string) {
 		"./etc/flux-agent/":                        "drwxr-x--- root/root",
 		"./etc/flux-agent/agent.yaml.example":      "-rw-r--r-- root/root",
 		"./lib/systemd/system/flux-agent.service":  "-rw-r--r-- root/root",
+		"./usr/lib/modules-load.d/flux-agent.conf": "-rw-r--r-- root/root",
 		"./usr/local/bin/flux-agent":               "-rwxr-xr-x root/root",
 		"./usr/share/doc/flux-agent/README.md":     "-rw-r--r-- root/root",
 		"./usr/share/doc/flux-agent/copyright":     "-rw-r--r-- root/root",
@@ -461,6 +463,19 @@ func checkInstalled(t *testing.T) {
 	if groups, err := u.GroupIds(); err != nil || !slices.Equal(groups, []string{u.Gid}) {
 		t.Errorf("%s groups %v (%v), want only its own", runnerUser, groups, err)
 	}
+	// The executions' uids are reserved as the runner's range, in both
+	// files, once, whoever came first.
+	for _, f := range []string{"/etc/subuid", "/etc/subgid"} {
+		var lines []string
+		for _, l := range strings.Split(string(readFile(t, f)), "\n") {
+			if strings.HasPrefix(l, runnerUser+":") {
+				lines = append(lines, l)
+			}
+		}
+		if len(lines) != 1 {
+			t.Errorf("%s holds %q for %s, want one range", f, lines, runnerUser)
+		}
+	}
 	wantModes := map[string]string{
 		binPath:     "-rwxr-xr-x 0:0",
 		unitPath:    "-rw-r--r-- 0:0",
@@ -520,10 +535,14 @@ func checkUnit(t *testing.T) {
 		t.Errorf("TimeoutStopSec=%s (%v): want at least shutdown_grace %s + 10s of cleanup", stop[0], err, agentShutdownGrace)
 	}
 	caps := strings.Fields(strings.Join(unit["Service.CapabilityBoundingSet"], " "))
-	for _, c := range []string{"CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER"} {
+	for _, c := range []string{"CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+		"CAP_SYS_ADMIN", "CAP_NET_ADMIN"} {
 		if !slices.Contains(caps, c) {
-			t.Errorf("CapabilityBoundingSet lacks %s, which spawning functions as %s needs", c, runnerUser)
+			t.Errorf("CapabilityBoundingSet lacks %s, which the sandbox needs (functions' uids, mount namespaces, network policy)", c)
 		}
+	}
+	if dir := unit["Service.RuntimeDirectory"]; !slices.Equal(dir, []string{"flux-agent"}) || !slices.Equal(unit["Service.RuntimeDirectoryMode"], []string{"0700"}) {
+		t.Errorf("RuntimeDirectory %v mode %v, want flux-agent 0700 (the admin socket's dir)", dir, unit["Service.RuntimeDirectoryMode"])
 	}
 
 	out, err := exec.Command("systemd-analyze", "verify", unitPath).CombinedOutput()
@@ -763,7 +782,7 @@ func runFunction(t *testing.T, conn *grpc.ClientConn, configs ...string) {
 	if err != nil || !ack.GetSuccess() {
 		t.Fatalf("RegisterFunction: %v %v", ack, err)
 	}
-	script := "#!/bin/sh\nid -un\ngrep -q marker-line \"$0\" && echo code-readable # marker-line\n"
+	script := "#!/bin/sh\nid -un\nid -u\ngrep -q marker-line \"$0\" && echo code-readable # marker-line\n"
 	for _, c := range configs {
 		script += fmt.Sprintf("cat %q >/dev/null 2>&1 && echo config-readable || echo config-hidden\n", c)
 	}
@@ -775,7 +794,16 @@ func runFunction(t *testing.T, conn *grpc.ClientConn, configs ...string) {
 	if err != nil || resp.GetError() != "" {
 		t.Fatalf("ExecuteFunction: %v %q\n%s", err, resp.GetError(), resp.GetOutput())
 	}
-	want := runnerUser + "\ncode-readable\n" + strings.Repeat("config-hidden\n", len(configs))
+	// Each execution runs as a uid of its own from the range the package
+	// reserved, named in the execution's own passwd.
+	lines := strings.SplitN(string(resp.GetOutput()), "\n", 3)
+	if len(lines) < 3 {
+		t.Fatalf("function output %q", resp.GetOutput())
+	}
+	if uid, err := strconv.ParseUint(lines[1], 10, 32); err != nil || uid < 1879048192 || uid >= 1879048192+65536 {
+		t.Errorf("function ran as uid %q, want one of the reserved range", lines[1])
+	}
+	want := "flux-fn\n" + lines[1] + "\ncode-readable\n" + strings.Repeat("config-hidden\n", len(configs))
 	if diff := cmp.Diff(want, string(resp.GetOutput())); diff != "" {
 		t.Errorf("function output (-want +got):\n%s", diff)
 	}
@@ -853,6 +881,11 @@ func checkPurge(t *testing.T, bootstrapConfig string) {
 			t.Errorf("%s still in %s after purge", runnerUser, db)
 		}
 	}
+	for _, f := range []string{"/etc/subuid", "/etc/subgid"} {
+		if strings.Contains(string(readFile(t, f)), runnerUser+":1879048192:65536") {
+			t.Errorf("%s still reserves %s's range after purge", f, runnerUser)
+		}
+	}
 	if out, err := exec.Command("dpkg-query", "-W", "-f=${Status}", pkgName).CombinedOutput(); err == nil && strings.TrimSpace(string(out)) != "" && !strings.Contains(string(out), "not-installed") {
 		t.Errorf("dpkg still knows %s: %s", pkgName, out)
 	}
@@ -894,6 +927,24 @@ func purgeLeftover(t *testing.T) {
 	}
 	if out, err := exec.Command("dpkg", "--purge", pkgName).CombinedOutput(); err != nil {
 		t.Errorf("purging a leftover %s: %v\n%s", pkgName, err, out)
+	}
+}
+
+// saveFiles remembers files as they are before the test (the purge edits
+// them) and returns what puts them back.
+func saveFiles(t *testing.T, paths ...string) func() {
+	saved := map[string][]byte{}
+	for _, p := range paths {
+		if data, err := os.ReadFile(p); err == nil {
+			saved[p] = data
+		}
+	}
+	return func() {
+		for p, data := range saved {
+			if err := os.WriteFile(p, data, 0o644); err != nil {
+				t.Errorf("restoring %s: %v", p, err)
+			}
+		}
 	}
 }
 

@@ -94,16 +94,17 @@ telemetry:
 		t.Errorf("agent cgroup %q, want a leaf under /system.slice/flux-agent.service/", agentCgroup)
 	}
 
-	// A function: flux-runner, its own cgroup in the delegated subtree, its
-	// code readable, the agent's config not.
+	// A function: a user of its own (the per-execution passwd entry), its
+	// own cgroup in the delegated subtree, its code readable, the agent's
+	// config not.
 	deployScript(t, client, "whoami", 0, "id -un\ncat /proc/self/cgroup\n"+
 		"grep -q marker-line \"$0\" && echo code-readable # marker-line\n"+
 		"cat "+config+" >/dev/null 2>&1 && echo config-readable || echo config-hidden\n")
 	out := execute(t, client, "whoami")
 	t.Logf("function output:\n%s", out)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 4 || lines[0] != runnerUser || lines[2] != "code-readable" || lines[3] != "config-hidden" {
-		t.Errorf("function output:\n%s\nwant flux-runner, its cgroup, code-readable, config-hidden", out)
+	if len(lines) != 4 || lines[0] != "flux-fn" || lines[2] != "code-readable" || lines[3] != "config-hidden" {
+		t.Errorf("function output:\n%s\nwant flux-fn, its cgroup, code-readable, config-hidden", out)
 	} else if cg := strings.TrimPrefix(lines[1], "0::"); !strings.HasPrefix(cg, "/system.slice/flux-agent.service/") || cg == agentCgroup {
 		t.Errorf("function cgroup %q, want its own under /system.slice/flux-agent.service/", cg)
 	}

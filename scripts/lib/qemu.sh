@@ -23,13 +23,29 @@ cloud_kernel() {
 		echo "fetching $pkg" >&2
 		tmp=$(mktemp -d)
 		(cd "$tmp" && apt-get download -qq "$pkg" && dpkg-deb -x "$pkg"_*.deb x) >&2
-		mkdir -p "$cache/$pkg/boot"
+		mkdir -p "$cache/$pkg/boot" "$cache/$pkg/lib"
 		mv "$tmp"/x/boot/vmlinuz-* "$cache/$pkg/boot/"
+		mv "$tmp"/x/lib/modules "$cache/$pkg/lib/"
 		rm -rf "$tmp"
 		# shellcheck disable=SC2012
 		vmlinuz=$(ls "$cache/$pkg"/boot/vmlinuz-* | head -n1)
 	fi
 	echo "$vmlinuz"
+}
+
+# cloud_kernel_modules CACHE: prints the lib/modules/VERSION dir of the
+# kernel cloud_kernel fetched (fetching it again when only the vmlinuz of an
+# older cache is there).
+cloud_kernel_modules() {
+	cache=$1
+	vmlinuz=$(cloud_kernel "$cache") || return 1
+	dir=$(dirname "$(dirname "$vmlinuz")")
+	if [ ! -d "$dir/lib/modules" ]; then
+		rm -rf "$dir"
+		vmlinuz=$(cloud_kernel "$cache") || return 1
+	fi
+	# shellcheck disable=SC2012
+	ls -d "$dir"/lib/modules/* | head -n1
 }
 
 _cloud_kernel_pkg() {

@@ -22,12 +22,13 @@ kernel_cache=${VMTEST_CACHE:-/var/cache/flux-agent-vmtest}
 cache=${DEBVM_CACHE:-/var/cache/flux-agent-debvm}
 timeout_s=${DEBVM_TIMEOUT:-900}
 suite=bookworm
-packages=systemd-sysv,redis-server,passwd,procps
+packages=systemd-sysv,redis-server,passwd,procps,kmod
 
 need=""
 command -v qemu-system-x86_64 >/dev/null || need="$need qemu-system-x86"
 command -v mmdebstrap >/dev/null || need="$need mmdebstrap"
 command -v cpio >/dev/null || need="$need cpio"
+command -v depmod >/dev/null || need="$need kmod"
 if [ -n "$need" ]; then
 	echo "debvm: installing$need"
 	apt-get update -qq
@@ -62,6 +63,18 @@ trap 'rm -rf "$work"' EXIT INT TERM
 root="$work/root"
 mkdir -p "$root"
 tar -C "$root" -xf "$rootfs_tar"
+# The kernel's netfilter modules (the agent's network policy needs
+# nf_tables; Debian builds it as modules), with their index.
+modules=$(cloud_kernel_modules "$kernel_cache")
+kver=$(basename "$modules")
+for sub in kernel/net/netfilter kernel/net/ipv4/netfilter kernel/net/ipv6/netfilter kernel/lib; do
+	if [ -d "$modules/$sub" ]; then
+		mkdir -p "$root/lib/modules/$kver/$(dirname "$sub")"
+		cp -r "$modules/$sub" "$root/lib/modules/$kver/$sub"
+	fi
+done
+cp "$modules"/modules.builtin* "$modules"/modules.order "$root/lib/modules/$kver/" 2>/dev/null || true
+depmod -b "$root" "$kver"
 mkdir -p "$root/debvm"
 cp "$deb" "$root/debvm/flux-agent.deb"
 (cd "$repo" && CGO_ENABLED=0 go test -c -o "$root/debvm/deb.test" ./e2e/deb)
