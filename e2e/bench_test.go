@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,28 +18,9 @@ import (
 // Benchmarks run the agent built without the race detector, as shipped.
 //
 //	go test -run '^$' -bench . -benchtime 200x ./e2e/
-var (
-	releaseBinaryOnce sync.Once
-	releaseBinary     string
-	releaseBinaryErr  error
-)
-
 func benchAgent(b *testing.B, rs *redisServer, yaml string) *agent {
 	b.Helper()
-	releaseBinaryOnce.Do(func() {
-		releaseBinary = filepath.Join(filepath.Dir(agentBinary), "flux-agent-release")
-		out, err := exec.Command("go", "build", "-o", releaseBinary, "..").CombinedOutput()
-		if err != nil {
-			releaseBinaryErr = fmt.Errorf("%v: %s", err, out)
-		}
-	})
-	if releaseBinaryErr != nil {
-		b.Fatal(releaseBinaryErr)
-	}
-	saved := agentBinary
-	agentBinary = releaseBinary
-	defer func() { agentBinary = saved }()
-	return startAgent(b, rs, agentOptions{YAML: yaml + "log:\n  level: info\n"})
+	return releaseAgent(b, rs, agentOptions{YAML: yaml})
 }
 
 func percentile(d []time.Duration, p float64) time.Duration {

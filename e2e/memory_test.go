@@ -28,6 +28,13 @@ import (
 // agent, for a before/after in one run).
 const releaseBinaryEnv = "FLUX_E2E_RELEASE_BINARY"
 
+// The release build, made once per run.
+var (
+	releaseBinaryOnce sync.Once
+	releaseBinary     string
+	releaseBinaryErr  error
+)
+
 // releaseAgent starts the agent built without the race detector.
 func releaseAgent(t testing.TB, rs *redisServer, opts agentOptions) *agent {
 	t.Helper()

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -403,4 +404,100 @@ func cgroupTree(dir string) []string {
 		return nil
 	})
 	return dirs
+}
+
+// cgroupFiles keeps cgroup files open for reads and writes at offset 0,
+// which cost one system call each instead of an open, a read or write and
+// a close: a slot's cgroups are read and written at every execution.
+// cgroup.procs is never kept: v1 lists its pids once per open file.
+type cgroupFiles struct {
+	mu  sync.Mutex
+	fds map[string]int
+	buf [512]byte
+}
+
+// fd opens path for reading, or for writing (a file may be kept open
+// twice: some are read and written).
+func (c *cgroupFiles) fd(path string, write bool) (int, error) {
+	key, flags := "r:"+path, unix.O_RDONLY
+	if write {
+		key, flags = "w:"+path, unix.O_WRONLY
+	}
+	if fd, ok := c.fds[key]; ok {
+		return fd, nil
+	}
+	fd, err := unix.Open(path, flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	if c.fds == nil {
+		c.fds = map[string]int{}
+	}
+	c.fds[key] = fd
+	return fd, nil
+}
+
+// read returns the file's content (at most 512 bytes, which every file
+// the sandbox reads this way fits in); the slice is valid until the next
+// call.
+func (c *cgroupFiles) read(dir, name string) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	path := filepath.Join(dir, name)
+	fd, err := c.fd(path, false)
+	if err != nil {
+		return nil, err
+	}
+	n, err := unix.Pread(fd, c.buf[:], 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "read", Path: path, Err: err}
+	}
+	return bytes.Clone(c.buf[:n]), nil
+}
+
+func (c *cgroupFiles) write(dir, name, value string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	path := filepath.Join(dir, name)
+	fd, err := c.fd(path, true)
+	if err != nil {
+		return err
+	}
+	if _, err := unix.Pwrite(fd, []byte(value), 0); err != nil {
+		return fmt.Errorf("write %q to %s: %w", value, path, err)
+	}
+	return nil
+}
+
+func (c *cgroupFiles) readUint(dir, name string) (uint64, error) {
+	b, err := c.read(dir, name)
+	if err != nil {
+		return 0, err
+	}
+	v, err := parseUint(bytes.NewReader(b))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+	}
+	return v, nil
+}
+
+func (c *cgroupFiles) readFlatKeyed(dir, name string) (map[string]uint64, error) {
+	b, err := c.read(dir, name)
+	if err != nil {
+		return nil, err
+	}
+	m, err := parseFlatKeyed(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+	}
+	return m, nil
+}
+
+func (c *cgroupFiles) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, fd := range c.fds {
+		_ = unix.Close(fd)
+	}
+	c.fds = nil
 }

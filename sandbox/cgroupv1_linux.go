@@ -107,9 +107,9 @@ func (c *cgroupV1) close() error { return removeDirs(distinctDirs(c.instance)) }
 type slotCgroupV1 struct {
 	dirs     map[string]string // controller → the slot's dir
 	distinct []string
-	// written caches what each limit file holds, so an unchanged limit
-	// costs no write.
-	written map[string]string
+	files    cgroupFiles
+	// held is what the limit files hold now.
+	held v1Values
 	// cpuBase and oomBase are the cumulative counters at the start of the
 	// current execution.
 	cpuBase, oomBase uint64
@@ -120,7 +120,7 @@ type slotCgroupV1 struct {
 func (c *cgroupV1) attach(slots []*slot) error {
 	var errs []error
 	for _, s := range slots {
-		cg := &slotCgroupV1{dirs: map[string]string{}, written: map[string]string{}}
+		cg := &slotCgroupV1{dirs: map[string]string{}, held: unlimitedV1}
 		for ctrl, d := range c.instance {
 			cg.dirs[ctrl] = filepath.Join(d, "s"+strconv.Itoa(s.id))
 		}
@@ -152,7 +152,7 @@ func (c *cgroupV1) attach(slots []*slot) error {
 				break
 			}
 		}
-		if err := c.readBase(s.v1); err != nil {
+		if err := s.v1.readBase(); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -160,14 +160,14 @@ func (c *cgroupV1) attach(slots []*slot) error {
 }
 
 // readBase notes the cumulative counters before the next execution.
-func (c *cgroupV1) readBase(cg *slotCgroupV1) error {
-	m, err := readFlatKeyed(cg.dirs["memory"], "memory.oom_control")
+func (cg *slotCgroupV1) readBase() error {
+	m, err := cg.files.readFlatKeyed(cg.dirs["memory"], "memory.oom_control")
 	if err != nil {
 		return err
 	}
 	cg.oomBase = m["oom_kill"]
 	if d, ok := cg.dirs["cpuacct"]; ok {
-		if cg.cpuBase, err = readUint(d, "cpuacct.usage"); err != nil {
+		if cg.cpuBase, err = cg.files.readUint(d, "cpuacct.usage"); err != nil {
 			return err
 		}
 	}
@@ -177,35 +177,44 @@ func (c *cgroupV1) readBase(cg *slotCgroupV1) error {
 // detach removes a slot's cgroups; its thread is ending, and the kernel
 // takes a moment to let go of it.
 func (c *cgroupV1) detach(s *slot) error {
+	s.v1.files.close()
 	return removeDirs(s.v1.distinct)
 }
 
-// acquire writes the execution's limits into the slot's cgroups; the
-// slot's thread counts as one task of the pids limit.
+// acquire writes the execution's limits into the slot's cgroups, those
+// that differ from what they hold; the slot's thread counts as one task of
+// the pids limit.
 func (c *cgroupV1) acquire(s *slot, l resolvedLimits) (execCgroup, error) {
-	if err := s.v1.write(v1LimitFiles(l, 1)); err != nil {
+	if err := s.v1.set(v1Target(l, 1)); err != nil {
 		return nil, err
 	}
 	return &execCgroupV1{c: c, cg: s.v1, limits: l}, nil
 }
 
-// write writes files that differ from what they hold.
-func (cg *slotCgroupV1) write(files []cgroupFile) error {
-	for _, f := range files {
-		key := f.ctrl + "/" + f.name
-		if v, ok := cg.written[key]; ok && v == f.value {
-			continue
+// unknownV1 marks limit files whose content a failed write left unknown.
+var unknownV1 = v1Values{memory: -2, quota: -2, pids: -2}
+
+// set takes the slot's limit files to next.
+func (cg *slotCgroupV1) set(next v1Values) error {
+	if cg.held == unknownV1 {
+		// From the unlimited state, whatever the order of the writes that
+		// failed left: memory+swap first, as for any rise.
+		for _, f := range v1Writes(v1Values{memory: 0, quota: 0, pids: 0}, unlimitedV1) {
+			_ = cg.files.write(cg.dirs[f.ctrl], f.name, f.value)
 		}
-		if err := writeCgroupFile(cg.dirs[f.ctrl], f.name, f.value); err != nil {
-			if optionalCgroupFile(f.name) && errors.Is(err, os.ErrNotExist) {
-				cg.written[key] = f.value
-				continue
-			}
-			delete(cg.written, key)
-			return err
-		}
-		cg.written[key] = f.value
+		cg.held = unlimitedV1
 	}
+	for _, f := range v1Writes(cg.held, next) {
+		if err := cg.files.write(cg.dirs[f.ctrl], f.name, f.value); err != nil {
+			if !(optionalCgroupFile(f.name) && errors.Is(err, os.ErrNotExist)) {
+				// What the files hold is unknown now: make the next set
+				// write everything.
+				cg.held = unknownV1
+				return err
+			}
+		}
+	}
+	cg.held = next
 	return nil
 }
 
@@ -213,6 +222,9 @@ type execCgroupV1 struct {
 	c      *cgroupV1
 	cg     *slotCgroupV1
 	limits resolvedLimits
+	// empty is set when kill found nothing left, which waitEmpty then
+	// needs not ask again: only a member can fork into a cgroup.
+	empty bool
 }
 
 func (e *execCgroupV1) fd() int { return -1 }
@@ -226,10 +238,11 @@ func (e *execCgroupV1) signalAll(sig syscall.Signal) error {
 }
 
 func (e *execCgroupV1) kill() error {
-	// The usual end of an execution: nothing is left. Only a member can
-	// fork into a cgroup, so an empty one stays empty and needs no freeze.
+	// The usual end of an execution: nothing is left. An empty cgroup
+	// stays empty and needs no freeze.
 	dir := e.cg.dirs["freezer"]
 	if pids, err := readProcsExcept(dir, e.c.self); err == nil && len(pids) == 0 {
+		e.empty = true
 		return nil
 	}
 	return freezeKillThaw(v1Freezer(dir), func() []string { return []string{dir} }, e.c.self)
@@ -249,45 +262,53 @@ func v1Freezer(dir string) freezer {
 }
 
 func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
+	if e.empty {
+		return nil
+	}
 	return poll(timeout, func() (bool, error) {
 		pids, err := readProcsExcept(e.cg.dirs["freezer"], e.c.self)
 		return len(pids) == 0, err
 	})
 }
 
+// measure reads the peak and the counters; the counters read are the
+// next execution's base.
 func (e *execCgroupV1) measure(res *Result) {
-	if v, err := readUint(e.cg.dirs["memory"], "memory.max_usage_in_bytes"); err == nil {
+	cg := e.cg
+	if v, err := cg.files.readUint(cg.dirs["memory"], "memory.max_usage_in_bytes"); err == nil {
 		res.PeakMemoryBytes = v
 	}
-	if m, err := readFlatKeyed(e.cg.dirs["memory"], "memory.oom_control"); err == nil {
-		res.OOMKilled = m["oom_kill"] > e.cg.oomBase
+	if m, err := cg.files.readFlatKeyed(cg.dirs["memory"], "memory.oom_control"); err == nil {
+		res.OOMKilled = m["oom_kill"] > cg.oomBase
+		cg.oomBase = m["oom_kill"]
 	}
-	if d, ok := e.cg.dirs["cpuacct"]; ok {
-		if v, err := readUint(d, "cpuacct.usage"); err == nil && v >= e.cg.cpuBase {
-			res.CPUTime = time.Duration(v - e.cg.cpuBase)
+	if d, ok := cg.dirs["cpuacct"]; ok {
+		if v, err := cg.files.readUint(d, "cpuacct.usage"); err == nil && v >= cg.cpuBase {
+			res.CPUTime = time.Duration(v - cg.cpuBase)
+			cg.cpuBase = v
 		}
 	}
 }
 
-// release readies the slot's cgroups for its next execution: limits off,
+// release readies the slot's cgroups for its next execution: the CPU
+// quota off (a throttled quota would slow the slot's thread's next fork),
 // the page cache the function left charged there reclaimed, the peak
-// restarted and the counters noted.
+// restarted. The memory and pids limits stay: the next execution is often
+// of the same function, and then nothing is written.
 func (e *execCgroupV1) release(gone bool) error {
+	cg := e.cg
 	if !gone {
 		return errors.New("the execution's processes were not proven gone")
 	}
-	if err := e.cg.write(v1ResetFiles()); err != nil {
+	next := cg.held
+	next.quota = -1
+	if err := cg.set(next); err != nil {
 		return err
 	}
-	// The peak restarts at every reset, whatever the cache said.
-	delete(e.cg.written, "memory/memory.max_usage_in_bytes")
-	if used, err := readUint(e.cg.dirs["memory"], "memory.usage_in_bytes"); err == nil && used > forceEmptyAbove {
-		if err := writeCgroupFile(e.cg.dirs["memory"], "memory.force_empty", "0"); err != nil {
-			return err
-		}
-		if err := writeCgroupFile(e.cg.dirs["memory"], "memory.max_usage_in_bytes", "0"); err != nil {
+	if used, err := cg.files.readUint(cg.dirs["memory"], "memory.usage_in_bytes"); err == nil && used > forceEmptyAbove {
+		if err := cg.files.write(cg.dirs["memory"], "memory.force_empty", "0"); err != nil {
 			return err
 		}
 	}
-	return e.c.readBase(e.cg)
+	return cg.files.write(cg.dirs["memory"], "memory.max_usage_in_bytes", "0")
 }

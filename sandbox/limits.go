@@ -31,44 +31,70 @@ const (
 	v2SwapMax    = "memory.swap.max"
 )
 
-// v1LimitFiles is what a v1 execution's cgroups get, in the order to write
-// them. The slot's cgroups are reused, so every limit is written each time
-// (an unset limit as "no limit"), and memory.memsw, which must never be
-// below memory, follows memory: lowering both from the unlimited state the
-// slot is reset to between executions. extraTasks counts tasks of the
-// agent's own that sit in the pids cgroup beside the function.
-func v1LimitFiles(l resolvedLimits, extraTasks int64) []cgroupFile {
-	mem := "-1"
-	if l.memory != nil {
-		mem = strconv.FormatInt(*l.memory, 10)
-	}
-	quota := "-1"
-	if l.cpuMillicores != nil {
-		quota = strconv.FormatInt(l.cpuQuotaMicros(), 10)
-	}
-	pids := "max"
-	if l.pids > 0 {
-		pids = strconv.FormatInt(l.pids+extraTasks, 10)
-	}
-	return []cgroupFile{
-		{"memory", "memory.limit_in_bytes", mem},
-		// memory+swap at the same value: no swapping past the limit.
-		{"memory", v1MemswLimit, mem},
-		{"cpu", "cpu.cfs_quota_us", quota},
-		{"pids", "pids.max", pids},
-	}
+// v1Values is what a slot's v1 limit files hold; -1 is no limit.
+type v1Values struct {
+	memory, quota, pids int64
 }
 
-// v1ResetFiles undo v1LimitFiles between two executions of a slot: every
-// limit off (memory.memsw first, since it may never be below memory), and
-// the peak counter restarted.
-func v1ResetFiles() []cgroupFile {
-	return []cgroupFile{
-		{"memory", v1MemswLimit, "-1"},
-		{"memory", "memory.limit_in_bytes", "-1"},
-		{"memory", "memory.max_usage_in_bytes", "0"},
-		{"cpu", "cpu.cfs_quota_us", "-1"},
+// unlimitedV1 is a slot's state when its cgroups are made.
+var unlimitedV1 = v1Values{memory: -1, quota: -1, pids: -1}
+
+// v1Target is what an execution's limits are in v1 terms. extraTasks
+// counts tasks of the agent's own that sit in the pids cgroup beside the
+// function (the slot's thread).
+func v1Target(l resolvedLimits, extraTasks int64) v1Values {
+	v := unlimitedV1
+	if l.memory != nil {
+		v.memory = *l.memory
 	}
+	if l.cpuMillicores != nil {
+		v.quota = l.cpuQuotaMicros()
+	}
+	if l.pids > 0 {
+		v.pids = l.pids + extraTasks
+	}
+	return v
+}
+
+// v1Writes lists the writes that take a slot's cgroups from cur to next,
+// nothing for a value that stays: a slot that runs the same function again
+// writes nothing. memory.memsw.limit_in_bytes (memory plus swap, at the same
+// value: no swapping past the limit) may never be below
+// memory.limit_in_bytes, so it goes first when the limit rises and second
+// when it falls.
+func v1Writes(cur, next v1Values) []cgroupFile {
+	var files []cgroupFile
+	if next.memory != cur.memory {
+		mem := cgroupFile{"memory", "memory.limit_in_bytes", strconv.FormatInt(next.memory, 10)}
+		memsw := cgroupFile{"memory", v1MemswLimit, mem.value}
+		if above(next.memory, cur.memory) {
+			files = append(files, memsw, mem)
+		} else {
+			files = append(files, mem, memsw)
+		}
+	}
+	if next.quota != cur.quota {
+		files = append(files, cgroupFile{"cpu", "cpu.cfs_quota_us", strconv.FormatInt(next.quota, 10)})
+	}
+	if next.pids != cur.pids {
+		pids := "max"
+		if next.pids > 0 {
+			pids = strconv.FormatInt(next.pids, 10)
+		}
+		files = append(files, cgroupFile{"pids", "pids.max", pids})
+	}
+	return files
+}
+
+// above says whether limit a is higher than b, -1 being no limit.
+func above(a, b int64) bool {
+	switch {
+	case a < 0:
+		return b >= 0
+	case b < 0:
+		return false
+	}
+	return a > b
 }
 
 // v2LimitFiles is what a fresh v2 execution cgroup gets.

@@ -43,9 +43,18 @@ type mountPlan struct {
 // function's user; a /proc that shows a function only its own processes;
 // masks over the agent's files. The thread must have unshared CLONE_FS and
 // CLONE_NEWNS.
-func setupMounts(plan mountPlan) error {
+// It returns a descriptor of the tmpfs (O_PATH), which tells from any
+// thread how much of it is in use.
+func setupMounts(plan mountPlan) (tmpFD int, err error) {
+	tmpFD = -1
+	defer func() {
+		if err != nil && tmpFD >= 0 {
+			_ = unix.Close(tmpFD)
+			tmpFD = -1
+		}
+	}()
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
-		return fmt.Errorf("mount namespace: making / a slave: %w", err)
+		return -1, fmt.Errorf("mount namespace: making / a slave: %w", err)
 	}
 	opts := "mode=0755"
 	if plan.tmpSize > 0 {
@@ -55,19 +64,22 @@ func setupMounts(plan mountPlan) error {
 		opts += ",size=" + strconv.FormatInt(plan.tmpSize, 10) + ",nr_inodes=" + strconv.FormatInt(inodes, 10)
 	}
 	if err := unix.Mount("tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
-		return fmt.Errorf("private /tmp: %w", err)
+		return -1, fmt.Errorf("private /tmp: %w", err)
+	}
+	if tmpFD, err = unix.Open("/tmp", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+		return -1, fmt.Errorf("private /tmp: %w", err)
 	}
 	for _, d := range []string{tmpfsTmp, tmpfsVarTmp, tmpfsShm} {
 		p := filepath.Join("/tmp", d)
 		if err := os.Mkdir(p, 0o755); err != nil {
-			return err
+			return tmpFD, err
 		}
 		if err := os.Chmod(p, 0o777|os.ModeSticky); err != nil {
-			return err
+			return tmpFD, err
 		}
 	}
 	if err := os.Mkdir(filepath.Join("/tmp", tmpfsEtc), 0o755); err != nil {
-		return err
+		return tmpFD, err
 	}
 	binds := []struct{ src, dst string }{
 		{tmpfsVarTmp, "/var/tmp"},
@@ -76,7 +88,7 @@ func setupMounts(plan mountPlan) error {
 	if plan.passwd != nil {
 		p := filepath.Join("/tmp", tmpfsEtc, "passwd")
 		if err := os.WriteFile(p, plan.passwd, 0o644); err != nil {
-			return err
+			return tmpFD, err
 		}
 		binds = append(binds, struct{ src, dst string }{filepath.Join(tmpfsEtc, "passwd"), "/etc/passwd"})
 	}
@@ -87,19 +99,19 @@ func setupMounts(plan mountPlan) error {
 			continue // a host without /var/tmp or /dev/shm
 		}
 		if err := unix.Mount(filepath.Join("/tmp", b.src), b.dst, "", unix.MS_BIND, ""); err != nil {
-			return fmt.Errorf("private %s: %w", b.dst, err)
+			return tmpFD, fmt.Errorf("private %s: %w", b.dst, err)
 		}
 	}
 	// hidepid=2 (invisible): processes of other uids are not even listed.
 	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "hidepid=2"); err != nil {
-		return fmt.Errorf("private /proc: %w", err)
+		return tmpFD, fmt.Errorf("private /proc: %w", err)
 	}
 	for _, m := range plan.masks {
 		if err := mask(m); err != nil {
-			return fmt.Errorf("masking %s: %w", m, err)
+			return tmpFD, fmt.Errorf("masking %s: %w", m, err)
 		}
 	}
-	return nil
+	return tmpFD, nil
 }
 
 // mask makes path read as empty: /dev/null over a file, an empty read-only
@@ -121,11 +133,10 @@ func mask(path string) error {
 	return unix.Mount("", path, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, "")
 }
 
-// tmpUsage is how much of the slot's tmpfs is in use, read from the
-// calling slot thread.
-func tmpUsage() (inodes, blocks uint64, err error) {
+// tmpUsage is how much of a slot's tmpfs is in use.
+func tmpUsage(fd int) (inodes, blocks uint64, err error) {
 	var st unix.Statfs_t
-	if err := unix.Statfs("/tmp", &st); err != nil {
+	if err := unix.Fstatfs(fd, &st); err != nil {
 		return 0, 0, err
 	}
 	return st.Files - st.Ffree, st.Blocks - st.Bfree, nil

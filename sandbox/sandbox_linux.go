@@ -372,7 +372,7 @@ func (h *host) start(ctx context.Context, spec Spec, output *os.File) (_ *box, e
 		ipcNS:    h.namespaces,
 		setGroup: h.runner != nil,
 		gid:      h.gid(),
-	})
+	}, h.log)
 	if err == nil {
 		span.SetAttributes(attribute.Int("process.pid", b.proc.pid))
 	}
@@ -413,7 +413,10 @@ func (h *host) resolve(l Limits) resolvedLimits {
 
 func (b *box) pid() int { return b.proc.pid }
 
-func (b *box) resume() error { return b.slot.resume(b.proc) }
+func (b *box) resume() error {
+	b.proc.resume()
+	return nil
+}
 
 func (b *box) exited() <-chan struct{} { return b.proc.exited }
 

@@ -555,3 +555,74 @@ func (w *slowWriter) Write(p []byte) (int, error) {
 	w.n += len(p)
 	return len(p), nil
 }
+
+// A held process has run no instruction of the function: cancelled, it
+// never runs; resumed, it runs, and its timeout counts from then.
+func TestHeldProcessRunsOnlyWhenResumed(t *testing.T) {
+	forEachContainment(t, func(t *testing.T, cfg Config) {
+		s := newSandbox(t, cfg)
+		dir := sharedDir(t)
+		mark := filepath.Join(dir, "ran")
+		script := writeScript(t, dir, "touch "+mark+"; echo ran")
+
+		held, err := s.Start(context.Background(), Spec{ID: "held-cancel", Path: script, Dir: dir, Hold: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Long enough for a running script to have touched the mark.
+		time.Sleep(200 * time.Millisecond) // not synchronisation: the absence of an event over a while
+		if _, err := os.Stat(mark); err == nil {
+			t.Fatal("a held process ran")
+		}
+		held.Cancel()
+		res := waitDone(t, held, 5*time.Second)
+		if !res.Cancelled || res.WallTime != 0 {
+			t.Errorf("cancelled held process: %+v", res)
+		}
+		if _, err := os.Stat(mark); err == nil {
+			t.Fatal("a held process ran after its cancel")
+		}
+		if err := held.Resume(); err == nil {
+			t.Error("Resume after Cancel succeeded")
+		}
+
+		out := newOutputBuffer()
+		p, err := s.Start(context.Background(), Spec{ID: "held-resume", Path: writeScript(t, t.TempDir(), "sleep 0.3; echo late"), Dir: dir,
+			Hold: true, Output: out, Timeout: 200 * time.Millisecond, KillGrace: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond) // held past its timeout: the clock has not started
+		if err := p.Resume(); err != nil {
+			t.Fatal(err)
+		}
+		res = waitDone(t, p, 10*time.Second)
+		if !res.TimedOut || res.WallTime < 200*time.Millisecond || res.WallTime > 5*time.Second {
+			t.Errorf("resumed process: %+v, want timed out 200ms after the resume", res)
+		}
+	})
+}
+
+// Each execution's tmp is private and empty: what one leaves is gone for
+// the next execution of its slot, and bounded by tmp_size.
+func TestPrivateTmpIsEmptiedAndBounded(t *testing.T) {
+	requireRoot(t)
+	s := newSandbox(t, Config{TmpSize: 4 << 20})
+	if !s.Isolation().Namespaces {
+		t.Skip("no mount namespaces")
+	}
+	for i := range 6 { // sequential: slots are reused
+		out, res := run(t, s, `ls -A /tmp /var/tmp /dev/shm | grep -v ':$' | grep . && echo DIRTY
+echo x > /tmp/left-$$; echo y > /var/tmp/left-$$; echo z > /dev/shm/left-$$
+head -c 8388608 /dev/zero > $TMPDIR/big 2>/dev/null || echo "full"`, Spec{})
+		if strings.Contains(out, "DIRTY") || !strings.Contains(out, "full") || res.ExitCode != 0 {
+			t.Fatalf("run %d: %q %+v", i, out, res)
+		}
+	}
+	for _, dir := range []string{"/tmp", "/var/tmp", "/dev/shm"} {
+		matches, _ := filepath.Glob(filepath.Join(dir, "left-*"))
+		if len(matches) > 0 {
+			t.Errorf("the node's %s holds %v", dir, matches)
+		}
+	}
+}

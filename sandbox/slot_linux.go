@@ -3,6 +3,7 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"runtime"
 	"sync"
@@ -37,8 +38,10 @@ type slot struct {
 
 	v1 *slotCgroupV1 // cgroup v1 only
 
-	// tmpInodes and tmpBlocks are what the empty layout uses of the
-	// slot's tmpfs; more after an execution means it left something.
+	// tmpFD is the slot's tmpfs (O_PATH; -1 without namespaces);
+	// tmpInodes and tmpBlocks are what the empty layout uses of it: more
+	// after an execution means it left something.
+	tmpFD                int
 	tmpInodes, tmpBlocks uint64
 	idleSince            time.Time
 }
@@ -52,26 +55,35 @@ func (s *slot) do(f func() error) error {
 	return <-errc
 }
 
-// spawn forks and execs req from the slot's thread.
-func (s *slot) spawn(req spawnRequest) (*child, error) {
+// spawn forks and execs req from the slot's thread. A held child is let
+// go by the same job, which waits on the thread (the tracer, the only one
+// that may detach) for resume or the child's end: resuming then costs one
+// wake of the thread and no reply.
+func (s *slot) spawn(req spawnRequest, log *slog.Logger) (*child, error) {
 	var c *child
-	err := s.do(func() error {
+	errc := make(chan error, 1)
+	s.jobs <- func() {
 		var err error
 		c, err = s.forkExec(req)
-		return err
-	})
-	return c, err
+		errc <- err
+		if err != nil || !req.hold {
+			return
+		}
+		select {
+		case <-c.resumeReq:
+			if err := unix.PtraceDetach(c.pid); err != nil && !errors.Is(err, unix.ESRCH) {
+				// Left stopped, the execution ends at its timeout or cancel.
+				log.Error("letting a held function run", "pid", c.pid, "err", err)
+			}
+		case <-c.exited: // killed while held
+		}
+	}
+	return c, <-errc
 }
 
-// resume lets a held child run: the thread that traces it detaches.
-func (s *slot) resume(c *child) error {
-	return s.do(func() error {
-		err := unix.PtraceDetach(c.pid)
-		if errors.Is(err, unix.ESRCH) {
-			return nil // killed meanwhile: nothing to let go
-		}
-		return err
-	})
+// resume lets a held child run; its slot's thread detaches from it.
+func (c *child) resume() {
+	c.resumeOnce.Do(func() { close(c.resumeReq) })
 }
 
 // Pool sizing: spare slots kept ready beyond the ones in use, in
@@ -163,30 +175,34 @@ func (p *slotPool) take() (s *slot, cold bool, err error) {
 			if low {
 				p.signal()
 			}
-			return s, false, nil
+			return s, cold, nil
 		}
+		returned := p.returned
 		if p.uids == nil || p.uids.available() > 0 || p.live == 0 {
-			break
+			p.inUse++
+			p.notePeak()
+			p.mu.Unlock()
+			p.signal()
+			slots, err := p.make(1)
+			if err == nil {
+				return slots[0], true, nil
+			}
+			p.mu.Lock()
+			p.inUse--
+			if !errors.Is(err, ErrNoFreeUID) || p.live == 0 {
+				p.mu.Unlock()
+				return nil, true, err
+			}
+			// The filler took the last free uid meanwhile: its slot, or
+			// one coming back, is ours.
 		}
 		// Every uid is a slot's, and every slot is in use: the one that
 		// comes back first is ours.
-		returned := p.returned
+		cold = true
 		p.mu.Unlock()
 		<-returned
 		p.mu.Lock()
 	}
-	p.inUse++
-	p.notePeak()
-	p.mu.Unlock()
-	p.signal()
-	slots, err := p.make(1)
-	if err != nil {
-		p.mu.Lock()
-		p.inUse--
-		p.mu.Unlock()
-		return nil, true, err
-	}
-	return slots[0], true, nil
 }
 
 // put takes a slot back after its execution. What the execution may have
@@ -231,24 +247,23 @@ func (p *slotPool) wakeTakers() {
 }
 
 // clean empties the slot's temporary dirs when the execution left
-// anything there (the usual execution leaves nothing: one statfs).
+// anything there. The usual execution leaves nothing: one fstatfs, from
+// any thread; the scrub runs on the slot's thread, in its namespace.
 func (p *slotPool) clean(s *slot) error {
-	return s.do(func() error {
-		inodes, blocks, err := tmpUsage()
-		if err != nil || (inodes <= s.tmpInodes && blocks <= s.tmpBlocks) {
-			return err
-		}
-		if err := scrubTmp(); err != nil {
-			return err
-		}
-		if inodes, blocks, err = tmpUsage(); err != nil {
-			return err
-		}
-		if inodes > s.tmpInodes || blocks > s.tmpBlocks {
-			return fmt.Errorf("%d inodes and %d blocks still in use after the scrub", inodes-s.tmpInodes, blocks-s.tmpBlocks)
-		}
-		return nil
-	})
+	inodes, blocks, err := tmpUsage(s.tmpFD)
+	if err != nil || (inodes <= s.tmpInodes && blocks <= s.tmpBlocks) {
+		return err
+	}
+	if err := s.do(scrubTmp); err != nil {
+		return err
+	}
+	if inodes, blocks, err = tmpUsage(s.tmpFD); err != nil {
+		return err
+	}
+	if inodes > s.tmpInodes || blocks > s.tmpBlocks {
+		return fmt.Errorf("%d inodes and %d blocks still in use after the scrub", inodes-s.tmpInodes, blocks-s.tmpBlocks)
+	}
+	return nil
 }
 
 // notePeak records the number in use for the sizing; p.mu held.
@@ -301,6 +316,9 @@ func (p *slotPool) fill() {
 				p.free = append(p.free, slots...)
 			}
 			p.mu.Unlock()
+			if len(slots) > 0 {
+				p.wakeTakers()
+			}
 			if closed {
 				for _, s := range slots {
 					p.mu.Lock()
@@ -380,7 +398,7 @@ func (p *slotPool) make(n int) ([]*slot, error) {
 
 // newSlot starts a slot's thread and sets up its isolation.
 func (p *slotPool) newSlot(id int) (*slot, error) {
-	s := &slot{id: id, jobs: make(chan func()), ended: make(chan struct{})}
+	s := &slot{id: id, jobs: make(chan func()), ended: make(chan struct{}), tmpFD: -1}
 	if r := p.h.runner; r != nil {
 		s.cred = &slotCred{uid: r.uid, gid: r.gid}
 		if p.uids != nil {
@@ -462,11 +480,12 @@ func (p *slotPool) setup(s *slot) error {
 		if s.uid != 0 {
 			plan.passwd = passwdWith(p.passwd, s.cred.uid, s.cred.gid)
 		}
-		if err := setupMounts(plan); err != nil {
+		fd, err := setupMounts(plan)
+		if err != nil {
 			return err
 		}
-		var err error
-		if s.tmpInodes, s.tmpBlocks, err = tmpUsage(); err != nil {
+		s.tmpFD = fd
+		if s.tmpInodes, s.tmpBlocks, err = tmpUsage(fd); err != nil {
 			return err
 		}
 	}
@@ -502,6 +521,9 @@ func loopbackUp() error {
 func (p *slotPool) end(s *slot, keepUID bool) {
 	close(s.jobs)
 	<-s.ended
+	if s.tmpFD >= 0 {
+		_ = unix.Close(s.tmpFD)
+	}
 	if p.h.cgroups != nil && s.v1 != nil {
 		if err := p.h.cgroups.detach(s); err != nil {
 			p.h.log.Warn("removing a slot's cgroups", "slot", s.id, "err", err)

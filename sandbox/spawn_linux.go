@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,9 @@ type child struct {
 	pidfd *os.File // polled by the runtime: readable once the process exits
 	// exited is closed once the process has exited, before it is reaped.
 	exited chan struct{}
+	// resumeReq lets a held process go.
+	resumeOnce sync.Once
+	resumeReq  chan struct{}
 }
 
 // forkExec starts req's process from the calling thread, which must be a
@@ -85,7 +89,7 @@ func (s *slot) forkExec(req spawnRequest) (*child, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", req.path, err)
 	}
-	c := &child{pid: pid, exited: make(chan struct{})}
+	c := &child{pid: pid, exited: make(chan struct{}), resumeReq: make(chan struct{})}
 	if err := s.gate(c, req, join, pidfd); err != nil {
 		_ = unix.Kill(pid, unix.SIGKILL)
 		var ws unix.WaitStatus

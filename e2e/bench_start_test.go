@@ -1,0 +1,155 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	fluxpb "github.com/serverless-fabric/flux-agent/proto"
+)
+
+// BenchmarkStartLatency measures the start path against the floor it
+// competes with, a bare fork/exec of the same script, in one run: sync
+// no-op latency (p50, p99), throughput with 8 concurrent callers against a
+// fork/exec loop with 8 workers, the agent's CPU per execution, the CPU the
+// execution's own processes spend beyond the function, how soon an async
+// call returns, and the Redis round trips per execution. The agent is the
+// release build with the default isolation (its own uid, cgroup with
+// limits, network policy, private tmp).
+//
+//	go test -run '^$' -bench StartLatency -benchtime 2000x ./e2e/
+func BenchmarkStartLatency(b *testing.B) {
+	rs := startRedis(b)
+	a := releaseAgent(b, rs, agentOptions{})
+	c := a.client(b)
+	install(b, c, fn{Name: "noop", Script: "exit 0\n", Config: &fluxpb.FunctionConfig{MaxConcurrency: 1 << 20}})
+	script := filepath.Join(b.TempDir(), "noop.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	sync1 := func(async bool) time.Duration {
+		start := time.Now()
+		resp, err := c.ExecuteFunction(ctx, &fluxpb.ExecutionRequest{FunctionName: "noop", ExecutionId: newID(), Async: async})
+		took := time.Since(start)
+		if err != nil || resp.GetError() != "" {
+			b.Fatalf("execute: %v %v", resp, err)
+		}
+		return took
+	}
+	forkExec := func() time.Duration {
+		start := time.Now()
+		if err := exec.Command(script).Run(); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	for range 50 { // warm: connections, code pages, the slot pool
+		sync1(false)
+		forkExec()
+	}
+
+	// Latency, interleaved so that noise hits both alike.
+	pid := a.cmd.Process.Pid
+	cpu0, children0 := processCPU(b, pid), childrenCPU(b, pid)
+	floorChildren0 := ownChildrenCPU()
+	stats0 := redisStats(b, rs)
+	var agentTimes, floorTimes []time.Duration
+	var floorChildren time.Duration
+	b.ResetTimer()
+	for range b.N {
+		agentTimes = append(agentTimes, sync1(false))
+		before := ownChildrenCPU()
+		floorTimes = append(floorTimes, forkExec())
+		floorChildren += ownChildrenCPU() - before
+	}
+	b.StopTimer()
+	_ = floorChildren0
+	n := float64(b.N)
+	agentCPU := processCPU(b, pid) - cpu0
+	execCPU := childrenCPU(b, pid) - children0
+	stats := redisStats(b, rs)
+	trips := float64(stats["total_reads_processed"]-stats0["total_reads_processed"]-1) / n
+
+	// Throughput: the same number of executions by 8 callers, then by a
+	// fork/exec loop with 8 workers.
+	const workers = 8
+	total := max(b.N, 400)
+	parallel := func(work func()) float64 {
+		var wg sync.WaitGroup
+		start := time.Now()
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := w; i < total; i += workers {
+					work()
+				}
+			}()
+		}
+		wg.Wait()
+		return float64(total) / time.Since(start).Seconds()
+	}
+	agentRate := parallel(func() { sync1(false) })
+	floorRate := parallel(func() { forkExec() })
+
+	// Async: how soon the call returns on an idle agent.
+	var asyncTimes []time.Duration
+	for range min(b.N, 300) {
+		asyncTimes = append(asyncTimes, sync1(true))
+		if !waitUntil(time.Minute, func() bool {
+			st, err := c.ReportNodeStatus(ctx, &fluxpb.NodeStatusRequest{})
+			return err == nil && st.GetActiveTasks() == 0
+		}) {
+			b.Fatal("async executions did not end")
+		}
+	}
+
+	p50, p99 := percentile(agentTimes, 0.5), percentile(agentTimes, 0.99)
+	f50, f99 := percentile(floorTimes, 0.5), percentile(floorTimes, 0.99)
+	b.ReportMetric(float64(p50.Microseconds()), "sync-p50-µs")
+	b.ReportMetric(float64(p99.Microseconds()), "sync-p99-µs")
+	b.ReportMetric(float64(f50.Microseconds()), "forkexec-p50-µs")
+	b.ReportMetric(float64(f99.Microseconds()), "forkexec-p99-µs")
+	b.ReportMetric(float64(p50)/float64(f50), "p50-ratio")
+	b.ReportMetric(float64(p99)/float64(f99), "p99-ratio")
+	b.ReportMetric(agentRate, "agent-exec/s")
+	b.ReportMetric(floorRate, "forkexec-exec/s")
+	b.ReportMetric(agentRate/floorRate, "throughput-ratio")
+	b.ReportMetric(float64(agentCPU.Microseconds())/n, "agent-cpu-µs/exec")
+	b.ReportMetric(float64(execCPU.Microseconds())/n, "exec-cpu-µs/exec")
+	b.ReportMetric(float64(floorChildren.Microseconds())/n, "forkexec-cpu-µs/exec")
+	b.ReportMetric(float64(percentile(asyncTimes, 0.5).Microseconds()), "async-return-p50-µs")
+	b.ReportMetric(trips, "redis-trips/exec")
+	b.Logf("%s", fmt.Sprintf("sync p50 %v (%.2fx the fork/exec floor's %v), p99 %v (%.2fx %v); %0.f exec/s with %d callers against %0.f (%.2fx); agent CPU %v/exec; the execution's processes %v/exec against %v for a bare fork/exec; async returns in %v (p50); %.1f Redis round trips/exec",
+		p50, float64(p50)/float64(f50), f50, p99, float64(p99)/float64(f99), f99, agentRate, workers, floorRate, agentRate/floorRate,
+		agentCPU/time.Duration(b.N), execCPU/time.Duration(b.N), floorChildren/time.Duration(b.N), percentile(asyncTimes, 0.5), trips))
+}
+
+// childrenCPU is the CPU time of a process's reaped children (cutime and
+// cstime of /proc/<pid>/stat): the functions an agent ran.
+func childrenCPU(b *testing.B, pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	cu, _ := strconv.ParseInt(fields[13], 10, 64)
+	cs, _ := strconv.ParseInt(fields[14], 10, 64)
+	return time.Duration(cu+cs) * 10 * time.Millisecond // USER_HZ = 100
+}
+
+// ownChildrenCPU is the CPU of this process's reaped children.
+func ownChildrenCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
