@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 )
 
@@ -26,10 +28,13 @@ import (
 // limits, network policy, private tmp).
 //
 //	go test -run '^$' -bench StartLatency -benchtime 2000x ./e2e/
+//
+// With FLUX_E2E_AGENT_ADDR (and FLUX_E2E_AGENT_PID, FLUX_E2E_REDIS_ADDR) it
+// measures an agent that runs already instead of starting one: the .deb's
+// VM runs it against the agent systemd runs on cgroup v2.
 func BenchmarkStartLatency(b *testing.B) {
-	rs := startRedis(b)
-	a := releaseAgent(b, rs, agentOptions{})
-	c := a.client(b)
+	target := benchTarget(b)
+	c, pid, rs := target.client, target.pid, target.redis
 	install(b, c, fn{Name: "noop", Script: "exit 0\n", Config: &fluxpb.FunctionConfig{MaxConcurrency: 1 << 20}})
 	script := filepath.Join(b.TempDir(), "noop.sh")
 	if err := os.WriteFile(script, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
@@ -58,9 +63,7 @@ func BenchmarkStartLatency(b *testing.B) {
 	}
 
 	// Latency, interleaved so that noise hits both alike.
-	pid := a.cmd.Process.Pid
 	cpu0, children0 := processCPU(b, pid), childrenCPU(b, pid)
-	floorChildren0 := ownChildrenCPU()
 	stats0 := redisStats(b, rs)
 	var agentTimes, floorTimes []time.Duration
 	var floorChildren time.Duration
@@ -72,7 +75,6 @@ func BenchmarkStartLatency(b *testing.B) {
 		floorChildren += ownChildrenCPU() - before
 	}
 	b.StopTimer()
-	_ = floorChildren0
 	n := float64(b.N)
 	agentCPU := processCPU(b, pid) - cpu0
 	execCPU := childrenCPU(b, pid) - children0
@@ -82,7 +84,7 @@ func BenchmarkStartLatency(b *testing.B) {
 	// Throughput: the same number of executions by 8 callers, then by a
 	// fork/exec loop with 8 workers.
 	const workers = 8
-	total := max(b.N, 400)
+	total := max(b.N, 100)
 	parallel := func(work func()) float64 {
 		var wg sync.WaitGroup
 		start := time.Now()
@@ -132,6 +134,32 @@ func BenchmarkStartLatency(b *testing.B) {
 	b.Logf("%s", fmt.Sprintf("sync p50 %v (%.2fx the fork/exec floor's %v), p99 %v (%.2fx %v); %0.f exec/s with %d callers against %0.f (%.2fx); agent CPU %v/exec; the execution's processes %v/exec against %v for a bare fork/exec; async returns in %v (p50); %.1f Redis round trips/exec",
 		p50, float64(p50)/float64(f50), f50, p99, float64(p99)/float64(f99), f99, agentRate, workers, floorRate, agentRate/floorRate,
 		agentCPU/time.Duration(b.N), execCPU/time.Duration(b.N), floorChildren/time.Duration(b.N), percentile(asyncTimes, 0.5), trips))
+}
+
+// startTarget is the agent a benchmark measures.
+type startTarget struct {
+	client fluxpb.AgentServiceClient
+	pid    int
+	redis  *redisServer
+}
+
+// benchTarget starts the release build against a Redis of its own, or
+// takes the running agent FLUX_E2E_AGENT_ADDR names.
+func benchTarget(b *testing.B) startTarget {
+	addr := os.Getenv(externalAgentEnv)
+	if addr == "" {
+		rs := startRedis(b)
+		a := releaseAgent(b, rs, agentOptions{Env: strings.Fields(os.Getenv("FLUX_E2E_AGENT_ENV"))})
+		return startTarget{client: a.client(b), pid: a.cmd.Process.Pid, redis: rs}
+	}
+	pid, err := strconv.Atoi(os.Getenv("FLUX_E2E_AGENT_PID"))
+	if err != nil {
+		b.Fatalf("FLUX_E2E_AGENT_PID: %v", err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: os.Getenv("FLUX_E2E_REDIS_ADDR")})
+	b.Cleanup(func() { rdb.Close() })
+	a := &agent{Addr: addr}
+	return startTarget{client: fluxpb.NewAgentServiceClient(a.dial(b, insecureCreds())), pid: pid, redis: &redisServer{Client: rdb}}
 }
 
 // childrenCPU is the CPU time of a process's reaped children (cutime and

@@ -180,6 +180,20 @@ telemetry:
 	waitHealthy(t, client)
 	t.Logf("restarted after SIGKILL: pid %d → %d", crashedPID, unitMainPID(t))
 
+	// The start-path benchmark (e2e's BenchmarkStartLatency, built into the
+	// VM by run.sh) against this agent: the figures of cgroup v2 under
+	// systemd.
+	if _, err := os.Stat("/debvm/e2e.test"); err == nil {
+		bench := exec.Command("/debvm/e2e.test", "-test.run", "^$", "-test.bench", "StartLatency", "-test.benchtime", "100x")
+		bench.Env = append(os.Environ(), "FLUX_E2E_AGENT_ADDR=127.0.0.1:50052",
+			"FLUX_E2E_AGENT_PID="+strconv.Itoa(unitMainPID(t)), "FLUX_E2E_REDIS_ADDR=127.0.0.1:6379")
+		out, err := bench.CombinedOutput()
+		t.Logf("start latency under systemd on cgroup v2:\n%s", out)
+		if err != nil {
+			t.Errorf("start latency benchmark: %v", err)
+		}
+	}
+
 	// Purge under systemd: prerm stops and disables, postrm reloads.
 	conn.Close()
 	mustRun(t, "dpkg", "--purge", pkgName)

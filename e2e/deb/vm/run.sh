@@ -78,6 +78,8 @@ depmod -b "$root" "$kver"
 mkdir -p "$root/debvm"
 cp "$deb" "$root/debvm/flux-agent.deb"
 (cd "$repo" && CGO_ENABLED=0 go test -c -o "$root/debvm/deb.test" ./e2e/deb)
+# The start-path benchmark, run by the test against the installed agent.
+(cd "$repo" && CGO_ENABLED=0 go test -c -o "$root/debvm/e2e.test" ./e2e)
 
 # The test runs once the system is up and powers the VM off; its exit code
 # goes to the console as one line the host reads.
