@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -116,6 +117,31 @@ func runTestChild(mode string, args []string) int {
 			return 1
 		}
 		fmt.Println("scratch writable")
+		return 0
+	case "abstract": // abstract NAME: connect to the node's socket, then to one of its own
+		if _, err := net.Dial("unix", args[0]); err != nil {
+			fmt.Println("node: refused:", err)
+		} else {
+			fmt.Println("node: connected")
+		}
+		own := args[0] + "-own"
+		l, err := net.Listen("unix", own)
+		if err != nil {
+			fmt.Println("own listen:", err)
+			return 1
+		}
+		defer l.Close()
+		go func() {
+			if c, err := l.Accept(); err == nil {
+				c.Close()
+			}
+		}()
+		if c, err := net.Dial("unix", own); err != nil {
+			fmt.Println("own:", err)
+		} else {
+			c.Close()
+			fmt.Println("own: ok")
+		}
 		return 0
 	default:
 		fmt.Fprintln(os.Stderr, "unknown test child mode", mode)

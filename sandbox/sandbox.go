@@ -236,6 +236,10 @@ type Isolation struct {
 	// Namespaces is set when each execution has its private /tmp,
 	// /var/tmp, /dev/shm, /proc view, passwd entry and IPC namespace.
 	Namespaces bool
+	// Scoped is set when each slot's functions can reach no abstract Unix
+	// socket and signal no process outside their slot (Landlock scopes,
+	// Linux 6.12+).
+	Scoped bool
 	// Network is the network policy in force.
 	Network NetworkMode
 	// Degraded lists, in words, each isolation that is missing and why.

@@ -146,6 +146,9 @@ func newHost(cfg Config) (_ *host, err error) {
 	if err := h.pool.start(); err != nil {
 		return nil, err
 	}
+	if h.iso.Scoped = h.pool.scoped(); h.namespaces && !h.iso.Scoped {
+		degrade("no Landlock scopes (Linux 6.12+): functions can connect to the node's abstract Unix sockets")
+	}
 	return h, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -624,5 +625,39 @@ head -c 8388608 /dev/zero > $TMPDIR/big 2>/dev/null || echo "full"`, Spec{})
 		if len(matches) > 0 {
 			t.Errorf("the node's %s holds %v", dir, matches)
 		}
+	}
+}
+
+// A function reaches no abstract Unix socket made outside its slot (the
+// node's daemons share the network namespace in filtered mode), while its
+// own work.
+func TestAbstractSocketsOutsideTheSlotAreRefused(t *testing.T) {
+	requireRoot(t)
+	s := newSandbox(t, Config{})
+	if !s.Isolation().Scoped {
+		t.Skip("no Landlock scopes on this kernel")
+	}
+	name := fmt.Sprintf("flux-test-%d", os.Getpid())
+	l, err := net.Listen("unix", "@"+name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("node daemon\n"))
+			c.Close()
+		}
+	}()
+	spec := testChild(t, "abstract", "@"+name)
+	out := newOutputBuffer()
+	spec.Output = out
+	res := waitDone(t, start(t, s, spec), 30*time.Second)
+	if got := out.String(); !strings.Contains(got, "node: refused") || !strings.Contains(got, "own: ok") || res.ExitCode != 0 {
+		t.Errorf("exit %d, output:\n%s", res.ExitCode, got)
 	}
 }

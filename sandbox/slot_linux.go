@@ -43,7 +43,10 @@ type slot struct {
 	// after an execution means it left something.
 	tmpFD                int
 	tmpInodes, tmpBlocks uint64
-	idleSince            time.Time
+	// scoped says the slot's thread, and so its functions, are in a
+	// Landlock domain of their own (abstract sockets and signals).
+	scoped    bool
+	idleSince time.Time
 }
 
 type slotCred struct{ uid, gid uint32 }
@@ -494,6 +497,13 @@ func (p *slotPool) setup(s *slot) error {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
+	if p.h.namespaces {
+		scoped, err := scopeThread()
+		if err != nil {
+			return err
+		}
+		s.scoped = scoped
+	}
 	return nil
 }
 
@@ -558,6 +568,14 @@ func (p *slotPool) close() error {
 	p.wakeTakers()
 	p.wg.Wait()
 	return nil
+}
+
+// scoped says whether the slots are in Landlock domains of their own (all
+// are, or none: it depends on the kernel).
+func (p *slotPool) scoped() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.free) > 0 && p.free[0].scoped
 }
 
 // stats reports what the pool holds, for tests and the agent's status.
