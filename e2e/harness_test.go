@@ -35,7 +35,16 @@ import (
 // race detector, so e2e runs also look for races in the agent.
 var agentBinary string
 
+// helperMains are other mains of the test binary, chosen by its first
+// argument: the binary doubles as a tool that functions run.
+var helperMains = map[string]func(args []string) int{}
+
 func TestMain(m *testing.M) {
+	if len(os.Args) > 1 {
+		if main, ok := helperMains[os.Args[1]]; ok {
+			os.Exit(main(os.Args[2:]))
+		}
+	}
 	os.Exit(testMain(m))
 }
 
@@ -198,6 +207,9 @@ type agentOptions struct {
 	// ExtraFiles are inherited by the agent as fds 3, 4, … (as a careless
 	// supervisor's would be).
 	ExtraFiles []*os.File
+	// Wrap is a command the agent's binary is appended to and run by
+	// (nsenter into a test's network namespace).
+	Wrap []string
 }
 
 // agent is one running flux-agent process.
@@ -210,6 +222,7 @@ type agent struct {
 	ConfigPath string
 	logs       *syncBuffer
 	extraFiles []*os.File
+	wrap       []string
 	exited     chan struct{}
 	exitErr    error
 }
@@ -265,7 +278,7 @@ log:
 	if err := os.WriteFile(configPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := &agent{t: t, AppsDir: opts.AppsDir, ConfigPath: configPath, logs: &syncBuffer{}, extraFiles: opts.ExtraFiles, exited: make(chan struct{})}
+	a := &agent{t: t, AppsDir: opts.AppsDir, ConfigPath: configPath, logs: &syncBuffer{}, extraFiles: opts.ExtraFiles, wrap: opts.Wrap, exited: make(chan struct{})}
 	a.start(opts.Env)
 	t.Cleanup(func() {
 		a.stop()
@@ -307,6 +320,9 @@ func (a *agent) start(env []string) {
 	t := a.t
 	pr, pw := io.Pipe()
 	cmd := exec.Command(agentBinary)
+	if len(a.wrap) > 0 {
+		cmd = exec.Command(a.wrap[0], append(a.wrap[1:], agentBinary)...)
+	}
 	cmd.Env = append([]string{"AGENT_CONFIG=" + a.ConfigPath, "PATH=" + os.Getenv("PATH"),
 		"FLUX_AGENT_NETWORK_PUBLIC_IP_URL="}, env...)
 	cmd.Stdout = io.MultiWriter(a.logs, pw)
