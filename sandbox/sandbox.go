@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -392,10 +393,13 @@ type Process struct {
 	resumeErr  error
 	done       chan struct{}
 
+	// runningSince is when the function started to run (Unix ns, 0 while
+	// held); Resume writes it from any goroutine.
+	runningSince atomic.Int64
+
 	// Written by the supervising goroutine, read by the waiting goroutine
 	// after the supervisor returned.
 	timedOut, cancelled bool
-	runningSince        time.Time
 	result              Result
 }
 
@@ -470,7 +474,7 @@ func (s *Sandbox) start(ctx context.Context, spec Spec) (*Process, error) {
 		done:      make(chan struct{}),
 	}
 	if !spec.Hold {
-		p.runningSince = time.Now()
+		p.runningSince.Store(time.Now().UnixNano())
 		p.resumeOnce.Do(func() { close(p.resumed) })
 	}
 	return p, nil
@@ -562,7 +566,7 @@ func (p *Process) Resume() error {
 			return
 		default:
 		}
-		p.runningSince = time.Now()
+		p.runningSince.Store(time.Now().UnixNano())
 		p.resumeErr = p.box.resume()
 		close(p.resumed)
 	})
@@ -597,8 +601,8 @@ func (p *Process) wait() {
 		Cancelled:        p.cancelled,
 		MemoryLimitBytes: p.box.memoryLimit(),
 	}
-	if !p.runningSince.IsZero() {
-		res.WallTime = time.Since(p.runningSince)
+	if since := p.runningSince.Load(); since != 0 {
+		res.WallTime = time.Since(time.Unix(0, since))
 	}
 
 	// A kernel object that proved every process gone means every writer is
