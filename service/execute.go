@@ -520,6 +520,7 @@ func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
 		rec.CPUTimeMS = res.CPUTime.Milliseconds()
 		rec.DurationMS = res.WallTime.Milliseconds()
 		rec.MemoryLimitBytes = res.MemoryLimitBytes
+		rec.NetworkBlocked = res.Blocked
 		rec.Status, rec.Error = outcome(res, e.fn.timeout, cancelMsg)
 		if res.OutputErr != nil {
 			// The stream never fails, so the end of the output was
@@ -551,16 +552,28 @@ func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
 	if rec.ExitCode != nil {
 		e.span.SetAttributes(telemetry.AttrExitCode.Int(*rec.ExitCode))
 	}
+	if res != nil && res.Blocked > 0 {
+		// What the network policy refused: a count, and an event for each
+		// of the first few, with where it went.
+		e.span.SetAttributes(telemetry.AttrNetworkBlocked.Int(res.Blocked))
+		for _, b := range res.BlockedSample {
+			e.span.AddEvent(telemetry.EventNetworkBlocked, trace.WithAttributes(
+				telemetry.AttrNetworkDestination.String(b.Destination.String()),
+				telemetry.AttrNetworkProtocol.String(b.Protocol)))
+		}
+		e.logger.WarnContext(e.ctx, "the network policy refused connections of the function", "count", res.Blocked)
+	}
 	if rec.Status != StatusSuccess {
 		e.span.SetStatus(codes.Error, rec.Error)
 	}
 	s.metrics.ExecutionFinished(e.ctx, e.fn.cfg.GetName(), telemetry.ExecutionOutcome{
-		Status:      rec.Status,
-		Duration:    time.Duration(rec.DurationMS) * time.Millisecond,
-		OutputBytes: rec.OutputBytes,
-		OOMKilled:   rec.OOMKilled,
-		TimedOut:    rec.TimedOut,
-		Cancelled:   rec.Status == StatusCancelled,
+		Status:         rec.Status,
+		Duration:       time.Duration(rec.DurationMS) * time.Millisecond,
+		OutputBytes:    rec.OutputBytes,
+		OOMKilled:      rec.OOMKilled,
+		TimedOut:       rec.TimedOut,
+		Cancelled:      rec.Status == StatusCancelled,
+		NetworkBlocked: int64(rec.NetworkBlocked),
 	})
 	level := slog.LevelInfo
 	if rec.Status == StatusFailed {

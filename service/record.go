@@ -51,6 +51,8 @@ type Record struct {
 	// MemoryLimitBytes is the memory limit the sandbox applied (the
 	// function's or the node's default); absent when none was.
 	MemoryLimitBytes int64 `json:"memory_limit_bytes,omitempty"`
+	// NetworkBlocked counts the connections the network policy refused.
+	NetworkBlocked int `json:"network_blocked,omitempty"`
 }
 
 // Final reports whether the record holds a final status.

@@ -50,6 +50,7 @@ type Metrics struct {
 	timeouts   metric.Int64Counter
 	cancels    metric.Int64Counter
 	output     metric.Int64Counter
+	blocked    metric.Int64Counter
 	deploys    metric.Int64Counter
 	deploySize metric.Int64Histogram
 	redisErrs  metric.Int64Counter
@@ -85,6 +86,7 @@ func NewMetrics(provider metric.MeterProvider, serviceVersion string) (*Metrics,
 	m.timeouts = counter("flux.executions.timeouts", "{execution}", "Executions killed at their timeout.")
 	m.cancels = counter("flux.executions.cancels", "{execution}", "Executions cancelled by a caller.")
 	m.output = counter("flux.executions.output", "By", "Output bytes written by functions.")
+	m.blocked = counter("flux.network.blocked", "{connection}", "Connections of functions the network policy refused, by function.")
 	m.deploys = counter("flux.deploys", "{deploy}", "Deploys, by function and status (ok or failed).")
 	m.redisErrs = counter("flux.redis.errors", "{error}", "Failed Redis operations, by operation.")
 	m.running = upDown("flux.executions.running", "{execution}", "Executions running now.")
@@ -133,6 +135,8 @@ type ExecutionOutcome struct {
 	OOMKilled   bool
 	TimedOut    bool
 	Cancelled   bool
+	// NetworkBlocked counts connections the network policy refused.
+	NetworkBlocked int64
 }
 
 // ExecutionFinished counts a finished execution and records its duration,
@@ -153,6 +157,9 @@ func (m *Metrics) ExecutionFinished(ctx context.Context, function string, outcom
 	}
 	if outcome.Cancelled {
 		m.cancels.Add(ctx, 1, byFunction)
+	}
+	if outcome.NetworkBlocked > 0 {
+		m.blocked.Add(ctx, outcome.NetworkBlocked, byFunction)
 	}
 }
 

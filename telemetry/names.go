@@ -30,6 +30,10 @@ const (
 	SpanRedisDial = "redis.dial"
 )
 
+// EventNetworkBlocked is the span event of one connection the network
+// policy refused.
+const EventNetworkBlocked = "flux.network.blocked"
+
 // Span attribute keys. Build values with the key's methods, for example
 // AttrFunction.String(name) or AttrExitCode.Int(code).
 const (
@@ -70,6 +74,14 @@ const (
 	// AttrQueuedMS is how long the execution waited for a slot, in
 	// milliseconds (as in the execution record).
 	AttrQueuedMS = attribute.Key("flux.execution.queued_ms")
+
+	// AttrNetworkBlocked counts the connections of an execution the
+	// network policy refused.
+	AttrNetworkBlocked = attribute.Key("flux.execution.network.blocked")
+	// AttrNetworkDestination and AttrNetworkProtocol describe one refused
+	// connection (an EventNetworkBlocked).
+	AttrNetworkDestination = attribute.Key("network.peer.address")
+	AttrNetworkProtocol    = attribute.Key("network.transport")
 
 	// AttrDeployBytes is the size of the received zip.
 	AttrDeployBytes = attribute.Key("flux.deploy.bytes")
