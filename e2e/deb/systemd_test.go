@@ -263,17 +263,28 @@ func execute(t *testing.T, client fluxpb.AgentServiceClient, name string) string
 }
 
 // waitRunnerProcesses waits until flux-runner has processes (want) or none.
+// waitRunnerProcesses waits until processes of functions (uids of the
+// range the package reserved) are there, or are gone.
 func waitRunnerProcesses(t *testing.T, want bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		has := exec.Command("pgrep", "-u", runnerUser).Run() == nil
+		out, err := exec.Command("ps", "-eo", "uid=").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		has := false
+		for _, f := range strings.Fields(string(out)) {
+			if uid, err := strconv.ParseUint(f, 10, 32); err == nil && uid >= 1879048192 && uid < 1879048192+65536 {
+				has = true
+			}
+		}
 		if has == want {
 			return
 		}
 		if time.Now().After(deadline) {
-			out, _ := exec.Command("ps", "-eo", "user,pid,cgroup,args").CombinedOutput()
-			t.Fatalf("flux-runner processes present=%v after 30s, want %v\n%s", has, want, out)
+			out, _ := exec.Command("ps", "-eo", "uid,pid,cgroup,args").CombinedOutput()
+			t.Fatalf("function processes present=%v after 30s, want %v\n%s", has, want, out)
 		}
 		time.Sleep(100 * time.Millisecond) // polling the process table; no event to wait on
 	}
