@@ -63,7 +63,7 @@ func BenchmarkStartLatency(b *testing.B) {
 	}
 
 	// Latency, interleaved so that noise hits both alike.
-	cpu0, children0 := processCPU(b, pid), childrenCPU(b, pid)
+	cpu0, children0, switches0 := processCPU(b, pid), childrenCPU(b, pid), contextSwitches(pid)
 	stats0 := redisStats(b, rs)
 	var agentTimes, floorTimes []time.Duration
 	var floorChildren time.Duration
@@ -77,6 +77,7 @@ func BenchmarkStartLatency(b *testing.B) {
 	b.StopTimer()
 	n := float64(b.N)
 	agentCPU := processCPU(b, pid) - cpu0
+	switches := float64(contextSwitches(pid)-switches0) / n
 	execCPU := childrenCPU(b, pid) - children0
 	stats := redisStats(b, rs)
 	trips := float64(stats["total_reads_processed"]-stats0["total_reads_processed"]-1) / n
@@ -131,9 +132,10 @@ func BenchmarkStartLatency(b *testing.B) {
 	b.ReportMetric(float64(floorChildren.Microseconds())/n, "forkexec-cpu-µs/exec")
 	b.ReportMetric(float64(percentile(asyncTimes, 0.5).Microseconds()), "async-return-p50-µs")
 	b.ReportMetric(trips, "redis-trips/exec")
-	b.Logf("%s", fmt.Sprintf("sync p50 %v (%.2fx the fork/exec floor's %v), p99 %v (%.2fx %v); %0.f exec/s with %d callers against %0.f (%.2fx); agent CPU %v/exec; the execution's processes %v/exec against %v for a bare fork/exec; async returns in %v (p50); %.1f Redis round trips/exec",
+	b.ReportMetric(switches, "agent-context-switches/exec")
+	b.Logf("%s", fmt.Sprintf("sync p50 %v (%.2fx the fork/exec floor's %v), p99 %v (%.2fx %v); %0.f exec/s with %d callers against %0.f (%.2fx); agent CPU %v/exec, %.1f context switches/exec; the execution's processes %v/exec against %v for a bare fork/exec; async returns in %v (p50); %.1f Redis round trips/exec",
 		p50, float64(p50)/float64(f50), f50, p99, float64(p99)/float64(f99), f99, agentRate, workers, floorRate, agentRate/floorRate,
-		agentCPU/time.Duration(b.N), execCPU/time.Duration(b.N), floorChildren/time.Duration(b.N), percentile(asyncTimes, 0.5), trips))
+		agentCPU/time.Duration(b.N), switches, execCPU/time.Duration(b.N), floorChildren/time.Duration(b.N), percentile(asyncTimes, 0.5), trips))
 }
 
 // startTarget is the agent a benchmark measures.
@@ -173,6 +175,27 @@ func childrenCPU(b *testing.B, pid int) time.Duration {
 	cu, _ := strconv.ParseInt(fields[13], 10, 64)
 	cs, _ := strconv.ParseInt(fields[14], 10, 64)
 	return time.Duration(cu+cs) * 10 * time.Millisecond // USER_HZ = 100
+}
+
+// contextSwitches sums the voluntary and involuntary context switches of
+// every thread of a process: each is a thread that slept and was woken,
+// the main cost of a start's handoffs on a virtual machine.
+func contextSwitches(pid int) int64 {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	var n int64
+	for _, t := range tasks {
+		data, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.HasSuffix(k, "ctxt_switches") {
+				c, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				n += c
+			}
+		}
+	}
+	return n
 }
 
 // ownChildrenCPU is the CPU of this process's reaped children.

@@ -1,11 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strings"
@@ -157,4 +159,61 @@ func TestPerExecutionUIDs(t *testing.T) {
 	if out := string(resp.GetOutput()); !strings.HasPrefix(out, "29001") || resp.GetError() != "" {
 		t.Errorf("uid %q, error %q; want one from 2900100-2900199", out, resp.GetError())
 	}
+}
+
+// An agent killed outright leaves nothing behind once it starts again:
+// its functions are dead, its cgroups are gone, its network table is
+// there once.
+func TestAgentCrashLeavesNothingBehind(t *testing.T) {
+	requireRoot(t)
+	requireRunner(t)
+	rs := startRedis(t)
+	a := startAgent(t, rs, agentOptions{AgentID: "agent-crash-leftovers"})
+	c := a.client(t)
+	install(t, c, fn{Name: "stay", Script: "sleep 600 &\necho \"pids $$ $!\"\nwait\n"})
+	var ids []string
+	for range 3 {
+		ids = append(ids, execAsync(t, c, "stay"))
+	}
+	var pids []int
+	for _, id := range ids {
+		rec := waitRecord(t, c, id, 10*time.Second, "pids", func(r *record) bool { return strings.HasPrefix(r.Output, "pids ") })
+		var sh, child int
+		fmt.Sscanf(rec.Output, "pids %d %d", &sh, &child)
+		pids = append(pids, sh, child)
+	}
+	crashed := a.cmd.Process.Pid
+	a.cmd.Process.Kill()
+	<-a.exited
+	a.start(nil)
+	c = a.client(t)
+	for _, pid := range pids {
+		if !waitUntil(10*time.Second, func() bool { return processGone(pid) }) {
+			t.Errorf("process %d of the crashed agent still alive", pid)
+		}
+	}
+	dirs, _ := filepath.Glob(fmt.Sprintf("/sys/fs/cgroup/*/flux-agent/%d-*", crashed))
+	if len(dirs) > 0 {
+		t.Errorf("the crashed agent's cgroups are left: %v", dirs)
+	}
+	if out, err := exec.Command("nft", "list", "tables").CombinedOutput(); err == nil {
+		if n := strings.Count(string(out), "flux-agent-agent-crash-leftovers\n"); n != 1 {
+			t.Errorf("%d copies of the agent's table after its restart:\n%s", n, out)
+		}
+	}
+	// And the restarted agent works.
+	install(t, c, fn{Name: "after", Script: "echo fine\n"})
+	if resp, _ := execSync(t, c, "after"); string(resp.GetOutput()) != "fine\n" || resp.GetError() != "" {
+		t.Errorf("after the restart: %q %q", resp.GetOutput(), resp.GetError())
+	}
+}
+
+// processGone says whether pid is dead (gone, or a zombie).
+func processGone(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	return len(fields) > 0 && (fields[0] == "Z" || fields[0] == "X")
 }
