@@ -25,19 +25,16 @@ type ConnLimits struct {
 	PerSource int
 }
 
-// connStage is what an idle connection has shown of itself; the lower the
-// stage, the sooner it is evicted.
+// connStage is what an idle connection has shown of itself: unproven ones
+// are evicted first.
 type connStage int
 
 const (
-	// stageNew: accepted, but no request yet (HTTP), or the handshake (TLS
-	// and the HTTP/2 preface) not finished (gRPC). Every flood connection
-	// stays here.
+	// stageNew: accepted, but no request served (HTTP) or no call made
+	// (gRPC) yet. Every flood connection stays here: silent, half-open,
+	// and, where the handshake proves nothing (plaintext gRPC), one that
+	// finished its handshake and went silent.
 	stageNew connStage = iota
-	// stageReady: a gRPC connection whose handshake finished (with mutual
-	// TLS, one holding a certificate of the configured CA) but that has not
-	// made a call.
-	stageReady
 	// stageUsed: the connection has served a request or a call.
 	stageUsed
 	numStages
@@ -46,20 +43,21 @@ const (
 // connLimiter is a listener that keeps at most limits.Max connections open,
 // and at most limits.PerSource from one source. When a new connection
 // arrives at a cap, an idle connection (one not inside a request handler
-// or an RPC) is closed to make room: the one that has shown the least (the
-// lowest stage), from the source holding the most connections, idle for
-// longest. At the per-source cap the victim comes from the new
-// connection's own source. Only when every candidate is busy is the new
-// connection refused.
+// or an RPC) is closed to make room: one that has never served a request
+// or a call if there is any, else one that has; from the source holding
+// the most such connections; the oldest of them. At the per-source cap the
+// victim comes from the new connection's own source. Only when every
+// candidate is busy is the new connection refused.
 //
 // Evicting rather than refusing is what keeps a server reachable under a
 // flood: refusing would let whoever connected first keep the port, so as
 // many idle connections as the cap, renewed as they time out, would lock
-// every legitimate client out. A legitimate client sends its request (or
-// finishes its handshake) as soon as it connects and is then never evicted
-// before connections that did not; an attacker's connections are older, or
-// come from a source that holds more. The cost of an eviction storm is
-// accepting and closing, not memory or descriptors.
+// every legitimate client out. A legitimate client sends its request as
+// soon as it connects; until then it is the newest connection of a source
+// that holds few, and afterwards it outranks every connection that never
+// made one. An attacker's connections are older, or come from a source
+// that holds more. The cost of an eviction storm is accepting and closing,
+// not memory or descriptors.
 type connLimiter struct {
 	net.Listener
 	limits ConnLimits
@@ -99,7 +97,7 @@ type limitedConn struct {
 	stage   connStage
 	busy    int           // requests or RPCs in progress
 	elem    *list.Element // in source.idle[stage] while idle
-	since   time.Time     // when it last became idle
+	since   time.Time     // when it was accepted, or last became idle
 	evicted bool
 	closed  bool
 }
@@ -202,8 +200,8 @@ func (l *connLimiter) admit(lc *limitedConn) (victim *limitedConn, admitted bool
 	return victim, true
 }
 
-// leastValuable is the source's idle connection at the lowest stage, idle
-// for longest; nil when all of its connections are busy.
+// leastValuable is the source's oldest idle connection that never served,
+// else its oldest idle one; nil when all of its connections are busy.
 func (s *connSource) leastValuable() *limitedConn {
 	for stage := range numStages {
 		if front := s.idle[stage].Front(); front != nil {
@@ -213,29 +211,35 @@ func (s *connSource) leastValuable() *limitedConn {
 	return nil
 }
 
-// leastValuable is the idle connection at the lowest stage, from the source
-// holding the most connections, idle for longest. It looks at every source
-// (as many as there are connections at most), only when the table is full.
+// leastValuable is the oldest idle connection that never served, from the
+// source holding the most of them; if there is none, the same among idle
+// connections that did. Counting only those, not all of a source's
+// connections, keeps a client's busy or used connections from counting
+// against its new one. It looks at every source (as many as there are
+// connections at most), and only when the table is full.
 func (l *connLimiter) leastValuable() *limitedConn {
 	for stage := range numStages {
 		if l.idle[stage] == 0 {
 			continue
 		}
-		var best *limitedConn
+		var best *connSource
 		for _, src := range l.sources {
-			front := src.idle[stage].Front()
-			if front == nil {
+			n := src.idle[stage].Len()
+			if n == 0 {
 				continue
 			}
-			c := front.Value.(*limitedConn)
-			if best == nil || src.conns > best.source.conns ||
-				src.conns == best.source.conns && c.since.Before(best.since) {
-				best = c
+			if best == nil || n > best.idle[stage].Len() ||
+				n == best.idle[stage].Len() && src.front(stage).since.Before(best.front(stage).since) {
+				best = src
 			}
 		}
-		return best
+		return best.front(stage)
 	}
 	return nil
+}
+
+func (s *connSource) front(stage connStage) *limitedConn {
+	return s.idle[stage].Front().Value.(*limitedConn)
 }
 
 // idleLocked files lc as idle at its stage, as the most recent.
@@ -327,16 +331,4 @@ func (l *connLimiter) setBusy(lc *limitedConn, busy bool) {
 	if lc.busy == 0 && !lc.closed && !lc.evicted {
 		l.idleLocked(lc)
 	}
-}
-
-// setReady moves lc, idle and new, to stageReady: its handshake finished.
-func (l *connLimiter) setReady(lc *limitedConn) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if lc.elem == nil || lc.stage != stageNew {
-		return
-	}
-	l.unidleLocked(lc)
-	lc.stage = stageReady
-	l.idleLocked(lc)
 }

@@ -12,18 +12,17 @@ import (
 // limits.Max connections, and limits.PerSource from one source (see
 // connLimiter). It returns the listener to serve and a stats handler to
 // install with grpc.StatsHandler: through it the limiter learns which
-// connections finished their handshake (TLS, then the HTTP/2 preface) and
-// which have RPCs in progress.
+// connections have calls in progress and which have made any.
 //
-// At a cap, connections that never finished their handshake go first: every
-// connection of a flood of idle or half-open ones, and, with mutual TLS,
-// every connection of a client without a certificate of the configured CA.
-// Then connections that finished it but never made a call; then, last,
-// those that have made calls and are idle between them, like Flux's
-// long-lived one between its HealthChecks. A connection with an RPC in
-// progress is never closed. Within a stage the victim is the oldest of the
-// source holding the most connections, so a client that connects while
-// others flood from elsewhere gets through its handshake.
+// At a cap, connections that never made a call go first: every connection
+// of a flood of idle or half-open ones, whether or not it finished its
+// handshake, and with mutual TLS every connection of a client without a
+// certificate of the configured CA. Among them the victim is the oldest of
+// the source holding the most, so a client connecting while others flood
+// from elsewhere gets through its handshake to its first call. Connections
+// that have made calls and are idle between them, like Flux's long-lived
+// one between its HealthChecks, go only when no other is left; one with a
+// call in progress is never closed.
 func LimitGRPCConns(inner net.Listener, limits ConnLimits, logger *slog.Logger) (net.Listener, stats.Handler) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -40,18 +39,20 @@ type grpcConnStats struct {
 	limiter *connLimiter
 }
 
-// TagConn is called once a connection's handshake has finished: the
-// connection becomes ready, and its calls can find it in their context.
+// TagConn is called once a connection's handshake has finished: its calls
+// find it in their context.
 func (h grpcConnStats) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
 	l := h.limiter
 	addrs := addrsOf(info.RemoteAddr, info.LocalAddr)
+	if addrs == (connAddrs{}) {
+		return ctx
+	}
 	l.mu.Lock()
 	lc := l.byAddr[addrs]
 	l.mu.Unlock()
-	if lc == nil || addrs == (connAddrs{}) {
+	if lc == nil {
 		return ctx
 	}
-	l.setReady(lc)
 	return context.WithValue(ctx, connKey{}, lc)
 }
 

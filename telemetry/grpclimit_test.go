@@ -81,8 +81,8 @@ func (g *grpcLimited) waitStage(t *testing.T, addrs connAddrs, want connStage) {
 }
 
 // rawConn opens a TCP connection from ip and waits until the limiter
-// counts it; with preface it also sends the HTTP/2 preface and waits until
-// the handshake is done.
+// counts it; with preface it also sends the HTTP/2 preface, finishing its
+// handshake without making a call.
 func (g *grpcLimited) rawConn(t *testing.T, ip string, preface bool) net.Conn {
 	t.Helper()
 	c, err := sourceDialer(ip).Dial("tcp", g.addr)
@@ -96,8 +96,16 @@ func (g *grpcLimited) rawConn(t *testing.T, ip string, preface bool) net.Conn {
 		if _, err := c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")); err != nil {
 			t.Fatal(err)
 		}
-		g.waitStage(t, serverSide(c), stageReady)
 	}
+	return c
+}
+
+// used is a gRPC client from ip that has made a call.
+func (g *grpcLimited) used(t *testing.T, ip string, dials *atomic.Int32) healthpb.HealthClient {
+	t.Helper()
+	c, conn := g.client(t, ip, dials)
+	check(t, c)
+	g.waitStage(t, serverSide(*conn), stageUsed)
 	return c
 }
 
@@ -156,47 +164,79 @@ func check(t *testing.T, c healthpb.HealthClient) {
 	}
 }
 
-// TestGRPCEvictsByStage: at the cap, connections that never finished their
-// handshake go first, then those that never called, and a connection that
-// has called is kept.
-func TestGRPCEvictsByStage(t *testing.T) {
+// TestGRPCEvictsConnectionsThatNeverCalledFirst: at the cap a connection
+// that never made a call goes (handshake finished or not), the oldest
+// first, and one that has called goes only when no other is left.
+func TestGRPCEvictsConnectionsThatNeverCalledFirst(t *testing.T) {
 	g := serveLimitedGRPC(t, ConnLimits{Max: 4})
 	var dials atomic.Int32
-	flux, fluxConn := g.client(t, "127.0.0.1", &dials)
-	check(t, flux)
-	g.waitStage(t, serverSide(*fluxConn), stageUsed)
-
-	ready := g.rawConn(t, "127.0.0.2", true)
-	new1 := g.rawConn(t, "127.0.0.2", false)
-	new2 := g.rawConn(t, "127.0.0.2", false)
-	// Full: the next connection evicts the oldest that never finished its
-	// handshake, not the older one that did.
-	new3 := g.rawConn(t, "127.0.0.2", false)
-	if !closedWithin(new1, 5*time.Second) {
-		t.Fatal("the oldest half-open connection was kept at the cap")
+	flux := g.used(t, "127.0.0.1", &dials)
+	handshaken := g.rawConn(t, "127.0.0.2", true)
+	silent := g.rawConn(t, "127.0.0.2", false)
+	halfPreface := g.rawConn(t, "127.0.0.2", false)
+	halfPreface.Write([]byte("PRI * HTTP/2.0"))
+	var newest []net.Conn
+	for _, ip := range []string{"127.0.0.3", "127.0.0.4", "127.0.0.5"} {
+		newest = append(newest, g.rawConn(t, ip, false))
 	}
-	for name, c := range map[string]net.Conn{"handshaken": ready, "newer half-open": new2, "newest": new3} {
-		if closedWithin(c, 50*time.Millisecond) {
-			t.Errorf("the %s connection was evicted before an older half-open one", name)
+	for name, c := range map[string]net.Conn{"handshaken": handshaken, "silent": silent, "half-preface": halfPreface} {
+		if !closedWithin(c, 5*time.Second) {
+			t.Errorf("the %s connection, older than the newcomers, was kept at the cap", name)
 		}
 	}
-	// Once only handshaken connections and Flux's are left, the oldest
-	// handshaken one goes.
-	g.rawConn(t, "127.0.0.2", true) // evicts new2
-	g.rawConn(t, "127.0.0.2", true) // evicts new3
-	if !closedWithin(new2, 5*time.Second) || !closedWithin(new3, 5*time.Second) {
-		t.Fatal("half-open connections were kept while handshaken ones came in")
-	}
-	g.rawConn(t, "127.0.0.3", false)
-	if !closedWithin(ready, 5*time.Second) {
-		t.Fatal("the oldest handshaken connection was kept though it never called")
+	for _, c := range newest {
+		if closedWithin(c, 50*time.Millisecond) {
+			t.Errorf("a newcomer was evicted while older connections waited")
+		}
 	}
 	check(t, flux)
 	if n := dials.Load(); n != 1 {
-		t.Errorf("Flux's client connected %d times: its connection was evicted", n)
+		t.Errorf("the client that called connected %d times: its connection was evicted", n)
 	}
-	if open := g.limiter.openConns(); open > 4 {
-		t.Errorf("%d connections open, cap 4", open)
+	if open := g.limiter.openConns(); open != 4 {
+		t.Errorf("%d connections open, want the cap, 4", open)
+	}
+}
+
+// TestGRPCEvictsUsedConnectionsLast: with only connections that have
+// called, a newcomer still gets in (the oldest goes), and the next
+// newcomer evicts it rather than another that called.
+func TestGRPCEvictsUsedConnectionsLast(t *testing.T) {
+	g := serveLimitedGRPC(t, ConnLimits{Max: 2})
+	var first, second atomic.Int32
+	a := g.used(t, "127.0.0.1", &first)
+	b := g.used(t, "127.0.0.2", &second)
+	newcomer := g.rawConn(t, "127.0.0.3", false)
+	if closedWithin(newcomer, 50*time.Millisecond) {
+		t.Fatal("a newcomer was refused while idle connections could make room")
+	}
+	next := g.rawConn(t, "127.0.0.3", false)
+	if !closedWithin(newcomer, 5*time.Second) || closedWithin(next, 50*time.Millisecond) {
+		t.Error("the next newcomer did not evict the first")
+	}
+	check(t, b)
+	check(t, a)
+	if first.Load() != 2 || second.Load() != 1 {
+		t.Errorf("clients connected %d and %d times, want 2 (the oldest was evicted) and 1", first.Load(), second.Load())
+	}
+}
+
+// TestGRPCUsedConnectionsDoNotCountAgainstTheirSource: the source ranked
+// at the cap is the one holding the most connections that never called, so
+// a client's new connection is not evicted for its older, used ones.
+func TestGRPCUsedConnectionsDoNotCountAgainstTheirSource(t *testing.T) {
+	g := serveLimitedGRPC(t, ConnLimits{Max: 5})
+	var dials atomic.Int32
+	g.used(t, "127.0.0.1", &dials)
+	g.used(t, "127.0.0.1", &dials)
+	own := g.rawConn(t, "127.0.0.1", false) // the oldest that never called
+	flood := []net.Conn{g.rawConn(t, "127.0.0.2", false), g.rawConn(t, "127.0.0.2", false)}
+	g.rawConn(t, "127.0.0.3", false)
+	if !closedWithin(flood[0], 5*time.Second) {
+		t.Error("the oldest connection of the source holding the most unused ones was kept")
+	}
+	if closedWithin(own, 50*time.Millisecond) {
+		t.Error("a source's new connection was evicted because of its used ones")
 	}
 }
 
