@@ -272,8 +272,11 @@ func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, e
 			return nil, fmt.Errorf("telemetry.metrics_address: %w", err)
 		}
 	}
+	// Flux does not need the admin endpoint: without it the agent still
+	// serves, and says why the client cannot reach it.
 	if a.adminEndpoint, err = listenAdmin(cfg.Admin); err != nil {
-		return nil, err
+		logger.Error("admin endpoint off: the flux-agent client cannot reach this agent", "err", err)
+		a.adminEndpoint, err = nil, nil
 	}
 	if a.adminEndpoint != nil {
 		a.admin = newAdminServer(a.svc, a.tel, a.adminEndpoint, service.AdminInfo{

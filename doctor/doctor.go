@@ -154,7 +154,10 @@ type RunningAgent struct {
 
 // Config is what the checks need of the agent's configuration.
 type Config struct {
-	RunAsUser string
+	// ConfigFile is the config file read; "" when none was (defaults and
+	// FLUX_AGENT_* variables).
+	ConfigFile string
+	RunAsUser  string
 	// UIDs is sandbox.uid_range when fixed; a zero Count with SharedUID
 	// false means auto (the runner's /etc/subuid range).
 	UIDs       sandbox.UIDRange
@@ -243,6 +246,12 @@ func (c *checker) startup() {
 // clock and the ports.
 func Run(ctx context.Context, cfg Config) Report {
 	c := newChecker(cfg)
+	if cfg.ConfigFile == "" {
+		c.add(Check{Name: "config", Status: Warn, Detail: "no config file read: defaults and FLUX_AGENT_* variables (AGENT_CONFIG names the file; ./agent.yaml by default)",
+			Fix: "point AGENT_CONFIG at the agent's config, e.g. AGENT_CONFIG=/etc/flux-agent/agent.yaml flux-agent doctor"})
+	} else {
+		c.add(Check{Name: "config", Status: OK, Detail: cfg.ConfigFile})
+	}
 	c.startup()
 	c.checkCgroups()
 	c.checkFavorDynMods()
@@ -278,12 +287,12 @@ func (c *checker) checkTLS() {
 	}
 	pair, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
-		c.add(Check{Name: key, Status: Fail, Detail: fmt.Sprintf("%s with %s: %v", t.CertFile, t.KeyFile, err), Fix: "use the certificate and the key Flux minted together"})
+		c.add(Check{Name: key, Status: Fail, Detail: fmt.Sprintf("tls.cert_file %s with tls.key_file %s: %v", t.CertFile, t.KeyFile, err), Fix: "use the certificate and the key Flux minted together"})
 		return
 	}
 	cert, err := x509.ParseCertificate(pair.Certificate[0])
 	if err != nil {
-		c.add(Check{Name: key, Status: Fail, Detail: fmt.Sprintf("%s: %v", t.CertFile, err), Fix: "use the certificate Flux minted"})
+		c.add(Check{Name: key, Status: Fail, Detail: fmt.Sprintf("tls.cert_file %s: %v", t.CertFile, err), Fix: "use the certificate Flux minted"})
 		return
 	}
 	pool := x509.NewCertPool()
