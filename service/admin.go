@@ -1,6 +1,7 @@
 package service
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -156,13 +157,7 @@ func (a *Admin) ListExecutions(context.Context, *fluxpb.ListExecutionsRequest) (
 		infos = append(infos, a.s.describe(e, now))
 	}
 	slices.SortFunc(infos, func(x, y *fluxpb.ExecutionInfo) int {
-		if c := x.GetStartedAtUnixMs() - y.GetStartedAtUnixMs(); c != 0 {
-			if c < 0 {
-				return -1
-			}
-			return 1
-		}
-		return 0
+		return cmp.Compare(x.GetStartedAtUnixMs(), y.GetStartedAtUnixMs())
 	})
 	return &fluxpb.ListExecutionsResponse{Executions: infos}, nil
 }
@@ -246,15 +241,7 @@ func (s *state) functions(ctx context.Context) ([]*fluxpb.FunctionConfig, error)
 		}
 		cfgs = append(cfgs, fn)
 	}
-	slices.SortFunc(cfgs, func(x, y *fluxpb.FunctionConfig) int {
-		switch {
-		case x.GetName() < y.GetName():
-			return -1
-		case x.GetName() > y.GetName():
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(cfgs, func(x, y *fluxpb.FunctionConfig) int { return cmp.Compare(x.GetName(), y.GetName()) })
 	return cfgs, nil
 }
 
