@@ -417,7 +417,7 @@ func (s *Service) start(e *execution) (Process, error) {
 	e.code = code
 	e.rec.CodeVersion = code.Version
 	out := newOutputStream(e.ctx, s.opts.OutputLimit, s.replyBudgetFor(e), e.logger, s.outputWriter(e))
-	out.tap = e.feed.publish
+	out.tap = &e.feed
 	e.mu.Lock() // Shutdown reaches it through abandon
 	e.out = out
 	e.mu.Unlock()

@@ -64,7 +64,7 @@ type outputStream struct {
 	logger *slog.Logger
 	// tap, when set, sees every byte the stream keeps, in order, as it
 	// comes (mu held): live tails read it before Redis has it.
-	tap func([]byte)
+	tap *outputFeed
 
 	mu        sync.Mutex
 	total     int64 // bytes the function wrote
@@ -172,7 +172,7 @@ func (o *outputStream) add(b []byte) {
 // tapped hands kept bytes to the tap, if any; mu held.
 func (o *outputStream) tapped(b []byte) {
 	if o.tap != nil {
-		o.tap(b)
+		o.tap.publish(b)
 	}
 }
 
