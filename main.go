@@ -18,6 +18,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -29,7 +30,9 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/serverless-fabric/flux-agent/cli"
 	"github.com/serverless-fabric/flux-agent/deployments"
+	"github.com/serverless-fabric/flux-agent/doctor"
 	"github.com/serverless-fabric/flux-agent/nodeinfo"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 	"github.com/serverless-fabric/flux-agent/sandbox"
@@ -73,6 +76,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	cfg, err := LoadConfig(os.LookupEnv)
+	if cli.IsCommand(fs.Arg(0)) {
+		return cli.Run(ctx, cliEnv(cfg, err, stdout, stderr), fs.Args())
+	}
 	switch fs.Arg(0) {
 	case "":
 	case "check-config":
@@ -111,9 +117,33 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if err := serve(ctx, cfg, logger); err != nil {
 		logger.Error("flux-agent stopped", "err", err)
+		if refusal := (*doctor.Refusal)(nil); errors.As(err, &refusal) {
+			// In words, beside the log line: what the operator reads first.
+			fmt.Fprintf(stderr, "flux-agent: %v\n", refusal)
+		}
 		return 1
 	}
 	return 0
+}
+
+// cliEnv is what the client subcommands take from the agent's config: the
+// admin endpoint (the default one when the config cannot be read: the
+// client may run where the agent's config is not) and doctor's view.
+func cliEnv(cfg Config, cfgErr error, stdout, stderr io.Writer) cli.Env {
+	admin := cfg.Admin
+	if cfgErr != nil {
+		admin = defaultAdminConfig()
+	}
+	return cli.Env{
+		Stdout: stdout, Stderr: stderr,
+		AdminSocket: admin.Socket, AdminAddress: admin.Address, AdminTokenFile: admin.TokenFile,
+		Doctor: func() (doctor.Config, error) {
+			if cfgErr != nil {
+				return doctor.Config{}, cfgErr
+			}
+			return cfg.doctorConfig(), nil
+		},
+	}
 }
 
 func usage(w io.Writer) {
@@ -129,6 +159,8 @@ every key:
 
 `, DefaultConfigPath, envPrefix)
 	writeDefaults(w)
+	fmt.Fprintln(w)
+	cli.Usage(w)
 }
 
 // serve runs the agent until ctx is cancelled (a signal), then shuts down.
@@ -175,11 +207,20 @@ type agent struct {
 	health   *health.Server
 	listener net.Listener
 	metrics  *telemetry.HTTPServer
+	// admin serves AgentService and AdminService on the admin endpoint
+	// (nil when admin.socket is empty).
+	admin         *grpc.Server
+	adminEndpoint *adminEndpoint
 }
 
 // newAgent makes every part of the agent and binds its ports; whatever
-// fails, nothing is left running.
+// fails, nothing is left running. It first runs doctor's start-up checks
+// and refuses to start, in doctor's words, on a host where every execution
+// would fail.
 func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, err error) {
+	if err := startupChecks(cfg, logger); err != nil {
+		return nil, err
+	}
 	a := &agent{cfg: cfg, log: logger}
 	defer func() {
 		if err != nil {
@@ -233,6 +274,17 @@ func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, e
 		if a.metrics, err = telemetry.ListenHTTP(cfg.Telemetry.MetricsAddress, a.tel.PrometheusHandler, a.svc.Ready, logger); err != nil {
 			return nil, fmt.Errorf("telemetry.metrics_address: %w", err)
 		}
+	}
+	// Flux does not need the admin endpoint: without it the agent still
+	// serves, and says why the client cannot reach it.
+	if a.adminEndpoint, err = listenAdmin(cfg.Admin); err != nil {
+		logger.Error("admin endpoint off: the flux-agent client cannot reach this agent", "err", err)
+		a.adminEndpoint, err = nil, nil
+	}
+	if a.adminEndpoint != nil {
+		a.admin = newAdminServer(a.svc, a.tel, a.adminEndpoint, service.AdminInfo{
+			Commit: commit, GRPCAddress: a.listener.Addr().String(), MetricsAddress: addrOf(a.metrics), TLS: cfg.TLS.Enabled,
+		})
 	}
 	if err := a.tel.Metrics.ObserveNode(nodeSample(a.sampler)); err != nil {
 		logger.Warn("node metrics not registered", "err", err)
@@ -349,6 +401,45 @@ func newGRPCServer(cfg Config, svc *service.Service, tel *telemetry.Telemetry, l
 	return server, healthServer, limited, nil
 }
 
+// startupChecks runs doctor's checks of what would make every execution
+// fail; warnings are logged, failures refuse the start.
+func startupChecks(cfg Config, logger *slog.Logger) error {
+	report := doctor.Startup(cfg.doctorConfig())
+	for _, c := range report.Checks {
+		switch c.Status {
+		case doctor.Warn:
+			logger.Warn("host check", "check", c.Name, "problem", c.Detail, "fix", c.Fix)
+		case doctor.Fail:
+			logger.Error("host check failed", "check", c.Name, "problem", c.Detail, "fix", c.Fix)
+		}
+	}
+	if failed := report.Failed(); len(failed) > 0 {
+		return &doctor.Refusal{Failed: failed}
+	}
+	return nil
+}
+
+// newAdminServer serves the admin endpoint: the same AgentService as
+// Flux's port, AdminService, health and reflection, without TLS (the
+// endpoint's own guard is enough: a root-only socket, or a token).
+func newAdminServer(svc *service.Service, tel *telemetry.Telemetry, ep *adminEndpoint, info service.AdminInfo) *grpc.Server {
+	opts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(maxMessageBytes),
+		grpc.MaxSendMsgSize(maxMessageBytes),
+		grpc.ForceServerCodecV2(svc.ServerCodec()),
+		grpc.StatsHandler(otelgrpc.NewServerHandler(
+			otelgrpc.WithTracerProvider(tel.TracerProvider),
+			otelgrpc.WithMeterProvider(tel.MeterProvider),
+			otelgrpc.WithPropagators(tel.Propagator),
+		)),
+	}, ep.ServerOptions()...)
+	server := grpc.NewServer(opts...)
+	fluxpb.RegisterAgentServiceServer(server, svc)
+	fluxpb.RegisterAdminServiceServer(server, svc.Admin(info))
+	reflection.Register(server)
+	return server
+}
+
 // Run settles what an earlier run left, serves until ctx ends, then lets
 // running executions finish within the shutdown grace while gRPC still
 // answers Flux's GetExecution, CancelExecution and HealthCheck (now
@@ -362,13 +453,22 @@ func (a *agent) Run(ctx context.Context) error {
 	}
 	cancelSettle()
 
-	serveErr := make(chan error, 1)
+	serveErr := make(chan error, 2)
 	go func() { serveErr <- a.grpc.Serve(a.listener) }()
+	adminWhere := ""
+	if a.admin != nil {
+		adminWhere = a.adminEndpoint.Where()
+		go func() {
+			if err := a.admin.Serve(a.adminEndpoint); err != nil {
+				serveErr <- fmt.Errorf("admin endpoint: %w", err)
+			}
+		}()
+	}
 	iso := a.sandbox.Isolation()
 	a.log.Info("flux-agent started",
 		"version", version, "commit", commit, "agent_id", a.cfg.AgentID,
 		"grpc_address", a.listener.Addr().String(), "tls", a.cfg.TLS.Enabled,
-		"metrics_address", addrOf(a.metrics), "redis_addr", a.cfg.RedisAddr.String(),
+		"metrics_address", addrOf(a.metrics), "admin", adminWhere, "redis_addr", a.cfg.RedisAddr.String(),
 		"apps_dir", a.cfg.AppsDir, "max_tasks", a.cfg.MaxTasks.Resolve(runtime.NumCPU()),
 		"isolation_cgroup", iso.Cgroup, "isolation_user", iso.User, "isolation_uid_range", iso.UIDRange.String(),
 		"isolation_network", iso.Network, "isolation_namespaces", iso.Namespaces, "isolation_degraded", iso.Degraded,
@@ -406,20 +506,12 @@ const (
 // Every step runs whatever failed before it.
 func (a *agent) Close() error {
 	var errs []error
-	if a.grpc != nil {
-		stopped := make(chan struct{})
-		go func() {
-			a.grpc.GracefulStop()
-			close(stopped)
-		}()
-		select {
-		case <-stopped:
-		case <-time.After(grpcStopTimeout):
-			a.grpc.Stop()
-			<-stopped
-		}
-	} else if a.listener != nil {
+	stopGRPC(a.grpc, a.admin)
+	if a.grpc == nil && a.listener != nil {
 		errs = append(errs, a.listener.Close())
+	}
+	if a.adminEndpoint != nil {
+		errs = append(errs, a.adminEndpoint.Close())
 	}
 	if a.metrics != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), metricsStopTimeout)
@@ -447,6 +539,32 @@ func (a *agent) Close() error {
 		cancel()
 	}
 	return errors.Join(errs...)
+}
+
+// stopGRPC stops servers together, each gracefully for grpcStopTimeout at
+// most (a tail that follows an execution holds its stream open).
+func stopGRPC(servers ...*grpc.Server) {
+	var wg sync.WaitGroup
+	stopped := make(chan struct{})
+	for _, s := range servers {
+		if s != nil {
+			wg.Go(s.GracefulStop)
+		}
+	}
+	go func() {
+		wg.Wait()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(grpcStopTimeout):
+		for _, s := range servers {
+			if s != nil {
+				s.Stop()
+			}
+		}
+		<-stopped
+	}
 }
 
 func nodeSample(s *nodeinfo.Sampler) func(context.Context) (telemetry.NodeSample, error) {

@@ -570,8 +570,11 @@ func TestSyncCallerGivesUp(t *testing.T) {
 func TestLogFile(t *testing.T) {
 	rs := startRedis(t)
 	dir := t.TempDir()
+	// The runner must reach the apps dir, or the agent refuses to start.
+	os.Chmod(filepath.Dir(dir), 0o755)
+	os.Chmod(dir, 0o755)
 	port := freePort(t)
-	cfg := fmt.Sprintf("listen_address: 127.0.0.1\nport: %d\nredis_addr: %s\napps_dir: %s/apps\nlog:\n  file: agent.log\ntelemetry:\n  metrics_address: \"\"\nnetwork:\n  public_ip_url: \"\"\n",
+	cfg := fmt.Sprintf("listen_address: 127.0.0.1\nport: %d\nredis_addr: %s\napps_dir: %s/apps\nlog:\n  file: agent.log\ntelemetry:\n  metrics_address: \"\"\nnetwork:\n  public_ip_url: \"\"\nadmin:\n  socket: \"\"\n",
 		port, rs.Addr, dir)
 	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -225,6 +225,10 @@ type agent struct {
 	wrap       []string
 	exited     chan struct{}
 	exitErr    error
+
+	// AdminSocket is where the agent serves its admin endpoint ("" when
+	// off).
+	AdminSocket string
 }
 
 type syncBuffer struct {
@@ -259,6 +263,13 @@ func startAgent(t testing.TB, rs *redisServer, opts agentOptions) *agent {
 	if opts.AgentID == "" {
 		opts.AgentID = fmt.Sprintf("e2e-%d-%d", os.Getpid(), agentCount.Add(1))
 	}
+	// Each agent's admin socket apart from the host's, in a short path
+	// (sun_path holds 107 bytes).
+	adminDir, err := os.MkdirTemp("", "adm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(adminDir) })
 	cfg := fmt.Sprintf(`agent_id: %s
 listen_address: 127.0.0.1
 port: 0
@@ -272,7 +283,9 @@ sandbox:
   network: %s
 log:
   level: debug
-`, opts.AgentID, rs.Addr, opts.AppsDir, dir, nextUIDRange(), testNetwork())
+admin:
+  socket: %s
+`, opts.AgentID, rs.Addr, opts.AppsDir, dir, nextUIDRange(), testNetwork(), filepath.Join(adminDir, "admin.sock"))
 	cfg = mergeYAML(cfg, opts.YAML)
 	configPath := filepath.Join(dir, "agent.yaml")
 	if err := os.WriteFile(configPath, []byte(cfg), 0o600); err != nil {
@@ -357,6 +370,7 @@ func (a *agent) start(env []string) {
 		if m, _ := line["metrics_address"].(string); m != "" {
 			a.MetricsURL = "http://" + m
 		}
+		a.AdminSocket, _ = line["admin"].(string)
 	case <-a.exited:
 		t.Fatalf("agent exited at start (%v):\n%s", a.exitErr, a.logs.String())
 	case <-time.After(60 * time.Second):

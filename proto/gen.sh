@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the Go code for flux.proto. Needs protoc (Debian:
+# Regenerates the Go code for flux.proto (Flux's contract) and admin.proto
+# (the agent's own admin API). Needs protoc (Debian:
 # protobuf-compiler); the Go plugins come from the pinned tools module.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,4 +12,4 @@ go -C ../tools build -o "$bin/" \
 PATH="$bin:$PATH" protoc -I . \
   --go_out=. --go_opt=paths=source_relative \
   --go-grpc_out=. --go-grpc_opt=paths=source_relative \
-  flux.proto
+  flux.proto admin.proto

@@ -105,6 +105,8 @@ type execution struct {
 	out     *outputStream
 	running bool // counted in the running gauge
 	done    chan struct{}
+	// feed hands the output to live tails (TailExecution).
+	feed outputFeed
 
 	mu        sync.Mutex
 	proc      Process
@@ -230,6 +232,8 @@ func (s *Service) admit(ctx context.Context, req *fluxpb.ExecutionRequest, fn *f
 	switch {
 	case s.draining:
 		err = ErrShuttingDown
+	case s.drained.Load():
+		err = ErrDraining
 	case s.active[e.id] != nil:
 		err = fmt.Errorf("%w: %s is running", ErrDuplicateExecution, e.id)
 	default:
@@ -273,9 +277,10 @@ func (s *Service) claim(ctx context.Context, e *execution, rec Record) (err erro
 }
 
 // refuse answers an execution that cannot start. Flux ignores the error of
-// an async response, so an async one also leaves a failed record.
+// an async response, so an async one also leaves a failed record, unless
+// Flux retries the same id (retriedByFlux).
 func (s *Service) refuse(ctx context.Context, req *fluxpb.ExecutionRequest, cause error) (*fluxpb.ExecutionResponse, error) {
-	if req.GetAsync() {
+	if req.GetAsync() && !s.retriedByFlux(req, cause) {
 		now := time.Now().UTC()
 		data, err := json.Marshal(&Record{
 			ExecutionID:  req.GetExecutionId(),
@@ -412,6 +417,7 @@ func (s *Service) start(e *execution) (Process, error) {
 	e.code = code
 	e.rec.CodeVersion = code.Version
 	out := newOutputStream(e.ctx, s.opts.OutputLimit, s.replyBudgetFor(e), e.logger, s.outputWriter(e))
+	out.tap = &e.feed
 	e.mu.Lock() // Shutdown reaches it through abandon
 	e.out = out
 	e.mu.Unlock()
@@ -483,6 +489,8 @@ func (s *Service) outputWriter(e *execution) func(context.Context, int64, []byte
 		if err != nil {
 			s.metrics.RedisError(ctx, "write_output")
 			span.SetStatus(codes.Error, err.Error())
+		} else {
+			e.feed.flushed(offset + int64(len(chunk)))
 		}
 		return err
 	}

@@ -62,6 +62,9 @@ type outputStream struct {
 	write  func(ctx context.Context, offset int64, chunk []byte) error
 	ctx    context.Context
 	logger *slog.Logger
+	// tap, when set, sees every byte the stream keeps, in order, as it
+	// comes (mu held): live tails read it before Redis has it.
+	tap *outputFeed
 
 	mu        sync.Mutex
 	total     int64 // bytes the function wrote
@@ -129,6 +132,7 @@ func (o *outputStream) add(b []byte) {
 	}
 	o.startFlushing()
 	if o.keeping && o.keep(b) {
+		o.tapped(b)
 		signal(o.ready)
 		return
 	}
@@ -144,6 +148,7 @@ func (o *outputStream) add(b []byte) {
 		if room := cap(o.filling) - len(o.filling); room > 0 {
 			n := min(room, len(b))
 			o.filling = append(o.filling, b[:n]...)
+			o.tapped(b[:n])
 			b = b[n:]
 			signal(o.ready)
 			continue
@@ -161,6 +166,13 @@ func (o *outputStream) add(b []byte) {
 		case <-o.release:
 		}
 		o.mu.Lock()
+	}
+}
+
+// tapped hands kept bytes to the tap, if any; mu held.
+func (o *outputStream) tapped(b []byte) {
+	if o.tap != nil {
+		o.tap.publish(b)
 	}
 }
 

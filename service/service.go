@@ -126,6 +126,10 @@ type Service struct {
 	active    map[string]*execution
 	draining  bool
 	idle      chan struct{} // closed once draining and nothing is active
+
+	// drained is set by the admin's Drain: new executions are refused
+	// until Undrain.
+	drained atomic.Bool
 }
 
 // New returns a Service. It starts nothing in the background.
@@ -295,6 +299,9 @@ func (s *Service) Ready(ctx context.Context) error {
 	s.mu.Unlock()
 	if draining {
 		return ErrShuttingDown
+	}
+	if s.drained.Load() {
+		return ErrDraining
 	}
 	ctx, cancel := context.WithTimeout(ctx, healthCheckTimeout)
 	defer cancel()
