@@ -46,6 +46,9 @@ type execCgroup interface {
 	// join moves a held process in, for when clone3 is refused.
 	join(pid int) error
 	signalAll(sig syscall.Signal) error
+	// empty says, without waiting, that no process is left (a read error
+	// counts as not empty).
+	empty() bool
 	// kill kills every process in the cgroup; none can fork meanwhile.
 	kill() error
 	waitEmpty(timeout time.Duration) error

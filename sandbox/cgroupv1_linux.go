@@ -20,10 +20,12 @@ const defaultCgroupV1Root = "/flux-agent"
 // optional (CPU time then comes from rusage).
 var v1Controllers = []string{"memory", "cpu", "pids", "freezer"}
 
-// forceEmptyAbove is the memory a slot's cgroup may still be charged with
-// after an execution (page cache the function read) before it is
-// reclaimed: the next function's limit must not meet the last one's cache.
-const forceEmptyAbove = 1 << 20
+// forceEmptyAbove is the page cache (files the function read) a slot's
+// cgroup may still be charged with after an execution before it is
+// reclaimed: the next function's limit and peak must not count the last
+// one's cache. Kernel memory left charged (a few hundred KiB of slab) is
+// not reclaimable and never counts: reclaiming it in vain costs retries.
+const forceEmptyAbove = 8 << 20
 
 // cgroupV1 keeps a set of cgroups per slot, one in each of the memory, cpu,
 // (cpuacct,) pids and freezer hierarchies, with the slot's thread inside
@@ -222,9 +224,9 @@ type execCgroupV1 struct {
 	c      *cgroupV1
 	cg     *slotCgroupV1
 	limits resolvedLimits
-	// empty is set when kill found nothing left, which waitEmpty then
+	// isEmpty is set when empty found nothing left, which waitEmpty then
 	// needs not ask again: only a member can fork into a cgroup.
-	empty bool
+	isEmpty bool
 }
 
 func (e *execCgroupV1) fd() int { return -1 }
@@ -237,12 +239,17 @@ func (e *execCgroupV1) signalAll(sig syscall.Signal) error {
 	return signalProcs(e.cg.dirs["freezer"], sig, e.c.self)
 }
 
+func (e *execCgroupV1) empty() bool {
+	pids, err := readProcsExcept(e.cg.dirs["freezer"], e.c.self)
+	e.isEmpty = err == nil && len(pids) == 0
+	return e.isEmpty
+}
+
 func (e *execCgroupV1) kill() error {
 	// The usual end of an execution: nothing is left. An empty cgroup
 	// stays empty and needs no freeze.
 	dir := e.cg.dirs["freezer"]
-	if pids, err := readProcsExcept(dir, e.c.self); err == nil && len(pids) == 0 {
-		e.empty = true
+	if e.empty() {
 		return nil
 	}
 	return freezeKillThaw(v1Freezer(dir), func() []string { return []string{dir} }, e.c.self)
@@ -262,7 +269,7 @@ func v1Freezer(dir string) freezer {
 }
 
 func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
-	if e.empty {
+	if e.isEmpty {
 		return nil
 	}
 	return poll(timeout, func() (bool, error) {
@@ -306,8 +313,10 @@ func (e *execCgroupV1) release(gone bool) error {
 		return err
 	}
 	if used, err := cg.files.readUint(cg.dirs["memory"], "memory.usage_in_bytes"); err == nil && used > forceEmptyAbove {
-		if err := cg.files.write(cg.dirs["memory"], "memory.force_empty", "0"); err != nil {
-			return err
+		if st, err := readFlatKeyed(cg.dirs["memory"], "memory.stat"); err == nil && st["cache"] > forceEmptyAbove {
+			if err := cg.files.write(cg.dirs["memory"], "memory.force_empty", "0"); err != nil {
+				return err
+			}
 		}
 	}
 	return cg.files.write(cg.dirs["memory"], "memory.max_usage_in_bytes", "0")

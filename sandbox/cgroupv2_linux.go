@@ -235,6 +235,11 @@ func (e *execCgroupV2) join(pid int) error {
 
 func (e *execCgroupV2) signalAll(sig syscall.Signal) error { return signalProcs(e.dir, sig, 0) }
 
+func (e *execCgroupV2) empty() bool {
+	ev, err := readFlatKeyed(e.dir, "cgroup.events")
+	return err == nil && ev["populated"] == 0
+}
+
 func (e *execCgroupV2) kill() error { return killTreeV2(e.dir) }
 
 // killTreeV2 kills every process in dir and its descendants: cgroup.kill

@@ -23,9 +23,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/trace"
 )
 
 // Defaults, written once here and shown in the agent's example config.
@@ -249,13 +246,14 @@ type Isolation struct {
 
 // The per-OS contract. sandbox_linux.go and sandbox_windows.go each define
 // host (the node-wide containment) and box (one execution's), which must
-// satisfy these; everything else in this file is shared by both.
+// satisfy these; the Process and its timers, in this file, are shared.
 type (
 	platformHost interface {
-		// start starts spec's process with output as its stdout and stderr,
-		// inside its containment, held before the function's first
-		// instruction until resume when spec.Hold is set.
-		start(ctx context.Context, spec Spec, output *os.File) (*box, error)
+		// start starts spec's process inside its containment, held before
+		// the function's first instruction until resume when spec.Hold is
+		// set, and follows it: its output goes to spec.Output until the
+		// execution is over, and onDone runs once it is, before done closes.
+		start(ctx context.Context, spec Spec, onDone func()) (*box, error)
 		isolation() Isolation
 		close() error
 	}
@@ -264,28 +262,19 @@ type (
 		// resume lets a held process run its first instruction; it is a
 		// no-op for one that was not held.
 		resume() error
-		// exited is closed once the main process has exited; it is not
-		// reaped yet, so its pid and process group id cannot be reused.
-		exited() <-chan struct{}
 		// terminate asks the whole tree to stop (a timeout's first step).
 		terminate() error
-		// kill kills the whole tree at once.
+		// kill kills the whole tree at once; a held process dies without
+		// running an instruction.
 		kill() error
-		// waitGone waits until no process of the tree is left.
-		waitGone(timeout time.Duration) error
-		// provesGone says whether a kernel object (cgroup, job) proved
-		// waitGone's answer, so no escaped process can still hold the
-		// output pipe.
-		provesGone() bool
-		// memoryLimit is the memory limit in force, 0 for none.
-		memoryLimit() int64
-		// finish reaps the process and fills in what was measured.
-		finish(res *Result)
-		// release gives back what the execution held (its slot, cgroup,
-		// uid); it may take its time and runs after Done is closed. gone
-		// says whether waitGone succeeded: what might still be in use by a
-		// live process is never reused.
-		release(gone bool)
+		// done is closed once the execution is over: the main process
+		// exited, what it left is killed and proven gone (or the output
+		// abandoned), the output is drained into Spec.Output, and result
+		// holds how it ended (but TimedOut and Cancelled, which the
+		// Process decides).
+		done() <-chan struct{}
+		result() Result
+		logger() *slog.Logger
 	}
 )
 
@@ -377,30 +366,22 @@ func (s *Sandbox) Close() error {
 // Process is one execution.
 type Process struct {
 	spec Spec
-	log  *slog.Logger
 	box  *box
-	// output is the read end of the pipe the whole tree writes to.
-	output *os.File
-	// span is the context of the caller's span at Start, for the spans of
-	// the work after the process exits.
-	span trace.SpanContext
-	tp   trace.TracerProvider
 
 	cancelOnce sync.Once
-	cancelReq  chan struct{}
 	resumeOnce sync.Once
-	resumed    chan struct{} // closed once the function runs
 	resumeErr  error
-	done       chan struct{}
+	// cancelled and timedOut say who ended the execution, if anyone did.
+	cancelled, timedOut atomic.Bool
 
-	// runningSince is when the function started to run (Unix ns, 0 while
-	// held); Resume writes it from any goroutine.
-	runningSince atomic.Int64
+	mu     sync.Mutex
+	timer  *time.Timer // the timeout, then the kill grace
+	ended  bool
+	result Result
 
-	// Written by the supervising goroutine, read by the waiting goroutine
-	// after the supervisor returned.
-	timedOut, cancelled bool
-	result              Result
+	// over is set (under the Sandbox's mu) once the box said the
+	// execution is over: Start must not count it as running then.
+	over bool
 }
 
 // Start starts one execution: it is contained before its first instruction.
@@ -427,57 +408,45 @@ func (s *Sandbox) Start(ctx context.Context, spec Spec) (*Process, error) {
 	}
 	s.wg.Add(1)
 	s.mu.Unlock()
-	p, err := s.start(ctx, spec)
+	p := &Process{spec: spec}
+	// The box calls onDone on its own goroutine or thread when the
+	// execution is over: no goroutine of the Process waits for it.
+	onDone := func() {
+		p.stopClock()
+		s.mu.Lock()
+		p.over = true
+		delete(s.running, p)
+		s.mu.Unlock()
+		s.wg.Done()
+	}
+	b, err := s.host.start(ctx, spec, onDone)
 	if err != nil {
 		s.wg.Done()
 		return nil, err
 	}
+	p.box = b
 	s.mu.Lock()
-	s.running[p] = struct{}{}
-	if s.closed { // Close ran while this one started: it goes too.
+	if !p.over {
+		s.running[p] = struct{}{}
+	}
+	closed := s.closed
+	s.mu.Unlock()
+	if closed { // Close ran while this one started: it goes too.
 		p.Cancel()
 	}
-	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		p.wait()
-		s.mu.Lock()
-		delete(s.running, p)
-		s.mu.Unlock()
-	}()
+	if !spec.Hold {
+		p.resumeOnce.Do(p.startClock)
+	}
 	return p, nil
 }
 
-func (s *Sandbox) start(ctx context.Context, spec Spec) (*Process, error) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("output pipe: %w", err)
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
 	}
-	b, err := s.host.start(ctx, spec, w)
-	// Only the child holds the write end now, so EOF means every holder
-	// is gone.
-	_ = w.Close()
-	if err != nil {
-		_ = r.Close()
-		return nil, err
-	}
-	span := trace.SpanFromContext(ctx)
-	p := &Process{
-		spec:      spec,
-		log:       s.log.With("execution_id", spec.ID, "pid", b.pid()),
-		box:       b,
-		output:    r,
-		span:      span.SpanContext(),
-		tp:        span.TracerProvider(),
-		cancelReq: make(chan struct{}),
-		resumed:   make(chan struct{}),
-		done:      make(chan struct{}),
-	}
-	if !spec.Hold {
-		p.runningSince.Store(time.Now().UnixNano())
-		p.resumeOnce.Do(func() { close(p.resumed) })
-	}
-	return p, nil
 }
 
 func validateSpec(spec Spec) error {
@@ -547,28 +516,33 @@ func (p *Process) Pid() int { return p.box.pid() }
 // Done is closed once the execution is over: the main process exited, the
 // rest of its tree is confirmed gone, and the output is drained into
 // Spec.Output.
-func (p *Process) Done() <-chan struct{} { return p.done }
+func (p *Process) Done() <-chan struct{} { return p.box.done() }
 
 // Result is how the execution ended; valid after Done is closed.
 func (p *Process) Result() Result {
-	<-p.done
+	<-p.box.done()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.ended {
+		p.ended = true
+		p.result = p.box.result()
+		p.result.TimedOut = p.timedOut.Load()
+		p.result.Cancelled = p.cancelled.Load()
+	}
 	return p.result
 }
 
 // Resume lets a process started with Spec.Hold run the function. It is
 // idempotent and a no-op for a process that was not held; after Cancel it
-// does nothing.
+// does nothing and returns ErrClosed.
 func (p *Process) Resume() error {
 	p.resumeOnce.Do(func() {
-		select {
-		case <-p.cancelReq:
+		if p.cancelled.Load() {
 			p.resumeErr = ErrClosed
 			return
-		default:
 		}
-		p.runningSince.Store(time.Now().UnixNano())
+		p.startClock()
 		p.resumeErr = p.box.resume()
-		close(p.resumed)
 	})
 	return p.resumeErr
 }
@@ -576,143 +550,63 @@ func (p *Process) Resume() error {
 // Cancel kills the whole tree at once. It is idempotent and safe after
 // Done; Result().Cancelled is set when the kill ended the execution.
 func (p *Process) Cancel() {
-	p.cancelOnce.Do(func() { close(p.cancelReq) })
-}
-
-// wait is the one goroutine that waits on the process; it closes done.
-func (p *Process) wait() {
-	copied := make(chan error, 1)
-	drain := make(chan struct{})
-	go func() { copied <- copyOutput(p.spec.Output, p.output, drain) }()
-
-	p.supervise()
-	ctx, span := p.cleanupSpan()
-	// The main process is over, so the execution is: whatever it left
-	// behind goes too, even a child that still holds the output open.
-	if err := p.box.kill(); err != nil {
-		p.log.Error("killing the rest of the tree", "err", err)
-	}
-	goneErr := p.box.waitGone(emptyTimeout)
-	if goneErr != nil {
-		p.log.Error("confirming the tree is gone", "err", goneErr)
-	}
-	res := Result{
-		TimedOut:         p.timedOut,
-		Cancelled:        p.cancelled,
-		MemoryLimitBytes: p.box.memoryLimit(),
-	}
-	if since := p.runningSince.Load(); since != 0 {
-		res.WallTime = time.Since(time.Unix(0, since))
-	}
-
-	// A kernel object that proved every process gone means every writer is
-	// gone: read to EOF, however slow Spec.Output is. Without that proof a
-	// process that left the group may still hold the pipe: then each
-	// further read may wait at most DrainTimeout.
-	if !p.box.provesGone() || goneErr != nil {
-		close(drain)
-		if err := p.output.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
-			p.log.Error("bounding the output drain", "err", err)
+	p.cancelOnce.Do(func() {
+		if isClosed(p.box.done()) {
+			return
 		}
-	}
-	res.OutputErr = <-copied
-	_ = p.output.Close()
-	p.box.finish(&res)
-	p.result = res
-	span.SetAttributes(attribute.Int("process.exit.code", res.ExitCode))
-	span.End()
-	close(p.done)
-	p.box.release(goneErr == nil)
-	_ = ctx
-}
-
-// cleanupSpan starts the span of the work after the main process exited,
-// as a child of the caller's span at Start.
-func (p *Process) cleanupSpan() (context.Context, trace.Span) {
-	ctx := trace.ContextWithSpanContext(context.Background(), p.span)
-	return p.tp.Tracer(tracerName).Start(ctx, SpanCleanup)
-}
-
-// supervise enforces the timeout and acts on Cancel until the main process
-// exits.
-func (p *Process) supervise() {
-	exited := p.box.exited()
-	// A held process has no timeout yet: it has not run.
-	select {
-	case <-p.resumed:
-	case <-exited:
-		return
-	case <-p.cancelReq:
-		p.cancelled = true
+		p.cancelled.Store(true)
 		if err := p.box.kill(); err != nil {
-			p.log.Error("cancel: killing the held process", "err", err)
+			p.box.logger().Error("cancel: killing the tree", "err", err)
 		}
-		<-exited
-		return
-	}
-	var deadline, grace <-chan time.Time
-	if p.spec.Timeout > 0 {
-		t := time.NewTimer(p.spec.Timeout)
-		defer t.Stop()
-		deadline = t.C
-	}
-	for {
-		select {
-		case <-exited:
-			return
-		case <-p.cancelReq:
-			p.cancelled = true
-			if err := p.box.kill(); err != nil {
-				p.log.Error("cancel: killing the tree", "err", err)
-			}
-			<-exited
-			return
-		case <-deadline:
-			p.timedOut = true
-			deadline = nil
-			if err := p.box.terminate(); err != nil {
-				p.log.Error("timeout: terminating the tree", "err", err)
-			}
-			t := time.NewTimer(p.spec.KillGrace)
-			defer t.Stop()
-			grace = t.C
-		case <-grace:
-			if err := p.box.kill(); err != nil {
-				p.log.Error("timeout: killing the tree after the grace", "err", err)
-			}
-			<-exited
-			return
-		}
-	}
+	})
 }
 
-// copyOutput copies everything read to out; when out fails it keeps reading
-// (and dropping) so the function never blocks on a full pipe. Once drain is
-// closed, each read may wait at most DrainTimeout (an idle bound, so a slow
-// out does not cut the output short); past it the rest is abandoned.
-func copyOutput(out io.Writer, r *os.File, drain <-chan struct{}) error {
-	buf := make([]byte, 32<<10)
-	var outErr error
-	for {
-		select {
-		case <-drain:
-			if err := r.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
-				return errors.Join(outErr, err)
-			}
-		default:
+// startClock starts the timeout, when there is one: SIGTERM to the tree
+// when it passes, the kill KillGrace later. Runtime timers: no goroutine
+// waits meanwhile.
+func (p *Process) startClock() {
+	if p.spec.Timeout <= 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ended || isClosed(p.box.done()) {
+		return
+	}
+	p.timer = time.AfterFunc(p.spec.Timeout, p.onTimeout)
+}
+
+func (p *Process) onTimeout() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer == nil {
+		return // stopped
+	}
+	p.timedOut.Store(true)
+	if err := p.box.terminate(); err != nil {
+		p.box.logger().Error("timeout: terminating the tree", "err", err)
+	}
+	p.timer = time.AfterFunc(p.spec.KillGrace, func() {
+		p.mu.Lock()
+		stopped := p.timer == nil
+		p.mu.Unlock()
+		if stopped {
+			return
 		}
-		n, err := r.Read(buf)
-		if n > 0 && outErr == nil {
-			if _, werr := out.Write(buf[:n]); werr != nil {
-				outErr = werr
-			}
+		if err := p.box.kill(); err != nil {
+			p.box.logger().Error("timeout: killing the tree after the grace", "err", err)
 		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return errors.Join(outErr, ErrOutputAbandoned)
-		}
-		if err != nil {
-			return outErr
-		}
+	})
+}
+
+// stopClock stops whatever timer runs; the box calls it (through onDone)
+// once the execution is over.
+func (p *Process) stopClock() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/user"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/procfs"
@@ -300,35 +302,58 @@ func (h *host) close() error {
 	return errors.Join(errs...)
 }
 
-// box is one execution's containment.
+// box is one execution's containment, followed by its slot's thread.
 type box struct {
-	h       *host
-	slot    *slot
+	h      *host
+	slot   *slot
+	spec   Spec
+	log    *slog.Logger
+	onDone func()
+	// span is the caller's span at the start, parent of the cleanup's.
+	span trace.SpanContext
+	tp   trace.TracerProvider
+
 	cgroup  execCgroup // nil without cgroups
 	limits  resolvedLimits
 	scratch string // TMPDIR without namespaces
 	proc    *child
+	outFD   int // the read end of the output pipe
 
-	// gone is set by waitGone when it succeeded.
-	gone bool
+	// resumeReq asks the slot's thread to let a held process go.
+	resumeReq atomic.Bool
+	// since is when the function started to run (0 while held); the slot's
+	// thread writes it.
+	since time.Time
+
+	// killMu orders kills from other goroutines (a cancel, a timer) with
+	// the end of the execution: once over, its cgroup may be another
+	// execution's, and a late kill must not reach it.
+	killMu sync.Mutex
+	over   bool
+
+	res    Result
+	doneCh chan struct{}
 
 	mu            sync.Mutex
 	blockedCount  int
 	blockedSample []BlockedConnection
 }
 
-// start takes a slot, gives the execution its cgroup and limits, and forks
-// the function from the slot's thread.
-func (h *host) start(ctx context.Context, spec Spec, output *os.File) (_ *box, err error) {
+// start takes a slot, gives the execution its cgroup and limits, and has
+// the slot's thread fork the function and follow it to its end.
+func (h *host) start(ctx context.Context, spec Spec, onDone func()) (_ *box, err error) {
 	if fi, err := os.Stat(spec.Path); err != nil {
 		return nil, fmt.Errorf("handler: %w", err)
 	} else if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%w: handler %s is not a regular file", ErrInvalidSpec, spec.Path)
 	}
-	tracer := trace.SpanFromContext(ctx).TracerProvider().Tracer(tracerName)
+	parent := trace.SpanFromContext(ctx)
+	tracer := parent.TracerProvider().Tracer(tracerName)
 	// b is undone on every failure; the named result stays nil until the
 	// end, so the cleanup never sees a nil box.
-	b := &box{h: h, limits: h.resolve(spec.Limits)}
+	b := &box{h: h, spec: spec, onDone: onDone, limits: h.resolve(spec.Limits), outFD: -1,
+		span: parent.SpanContext(), tp: parent.TracerProvider(), doneCh: make(chan struct{})}
+	b.log = h.log.With("execution_id", spec.ID)
 
 	_, span := tracer.Start(ctx, SpanSlot)
 	s, cold, err := h.pool.take()
@@ -340,7 +365,7 @@ func (h *host) start(ctx context.Context, spec Spec, output *os.File) (_ *box, e
 	b.slot = s
 	defer func() {
 		if err != nil {
-			b.release(true)
+			b.release(true, false)
 		}
 	}()
 
@@ -360,33 +385,41 @@ func (h *host) start(ctx context.Context, spec Spec, output *os.File) (_ *box, e
 		}
 		tmp = b.scratch
 	}
+	// One pipe for stdout and stderr keeps the order written. Its read end
+	// is the slot thread's, polled without the runtime's poller.
+	var pipe [2]int
+	if err := unix.Pipe2(pipe[:], unix.O_CLOEXEC); err != nil {
+		return nil, fmt.Errorf("output pipe: %w", err)
+	}
+	if err := unix.SetNonblock(pipe[0], true); err != nil {
+		unix.Close(pipe[0])
+		unix.Close(pipe[1])
+		return nil, fmt.Errorf("output pipe: %w", err)
+	}
+	b.outFD = pipe[0]
 
 	_, span = tracer.Start(ctx, SpanSpawn)
-	b.proc, err = s.spawn(spawnRequest{
+	err = s.run(b, spawnRequest{
 		path:     spec.Path,
 		argv:     append([]string{spec.Path}, spec.Args...),
 		dir:      spec.Dir,
 		env:      executionEnv(spec.Env, tmp),
-		stdin:    h.devNull,
-		output:   output,
+		stdin:    int(h.devNull.Fd()),
+		output:   pipe[1],
 		cgroup:   b.cgroup,
 		hold:     spec.Hold,
 		noFile:   h.cfg.NoFile,
 		ipcNS:    h.namespaces,
 		setGroup: h.runner != nil,
 		gid:      h.gid(),
-	}, h.log)
+	})
 	if err == nil {
 		span.SetAttributes(attribute.Int("process.pid", b.proc.pid))
 	}
 	endSpan(span, err)
 	if err != nil {
+		unix.Close(b.outFD)
 		return nil, err
-	}
-	if s.uid != 0 && h.filter != nil {
-		h.mu.Lock()
-		h.byUID[s.uid] = b
-		h.mu.Unlock()
 	}
 	return b, nil
 }
@@ -414,29 +447,51 @@ func (h *host) resolve(l Limits) resolvedLimits {
 	return r
 }
 
-func (b *box) pid() int { return b.proc.pid }
+func (b *box) pid() int              { return b.proc.pid }
+func (b *box) done() <-chan struct{} { return b.doneCh }
+func (b *box) result() Result        { return b.res }
+func (b *box) logger() *slog.Logger  { return b.log }
 
+// resume asks the slot's thread, the process's tracer and the only thread
+// that may let it go, to do so.
 func (b *box) resume() error {
-	b.proc.resume()
-	return nil
+	if !b.spec.Hold {
+		return nil
+	}
+	b.resumeReq.Store(true)
+	return b.slot.wake()
 }
-
-func (b *box) exited() <-chan struct{} { return b.proc.exited }
 
 // terminate asks the whole tree to stop. With a cgroup that is every
 // process in it (the group is among them; a process signalled twice could
 // run its handler twice).
 func (b *box) terminate() error {
+	b.killMu.Lock()
+	defer b.killMu.Unlock()
+	if b.over {
+		return nil
+	}
 	if b.cgroup != nil {
 		return b.cgroup.signalAll(unix.SIGTERM)
 	}
 	return ignoreESRCH(unix.Kill(-b.proc.pid, unix.SIGTERM))
 }
 
-// kill kills the whole tree at once: with a cgroup every process in it,
-// also ones that left the process group; otherwise the process group. A
-// held process is killed the same way: it never runs an instruction.
+// kill kills the whole tree at once, from any goroutine; once the
+// execution is over it does nothing.
 func (b *box) kill() error {
+	b.killMu.Lock()
+	defer b.killMu.Unlock()
+	if b.over {
+		return nil
+	}
+	return b.killTree()
+}
+
+// killTree kills every process of the execution: with a cgroup every
+// process in it, also ones that left the process group; otherwise the
+// process group. A held process dies without running an instruction.
+func (b *box) killTree() error {
 	err := ignoreESRCH(unix.Kill(-b.proc.pid, unix.SIGKILL))
 	if b.cgroup != nil {
 		err = errors.Join(err, b.cgroup.kill())
@@ -444,15 +499,145 @@ func (b *box) kill() error {
 	return err
 }
 
+// follow is the slot thread's work for one execution once it is forked:
+// it lets a held process go when asked, copies the output to Spec.Output,
+// and once the main process has exited, kills what is left, drains the
+// output, reaps and measures, says the execution is over and gives the
+// slot back. One poll(2) over the output pipe, the process's pidfd and the
+// slot's eventfd wakes it: an execution costs no goroutine, and none of
+// the runtime's poller. Timeouts and cancels kill from other goroutines.
+func (b *box) follow() {
+	c := b.proc
+	fds := []unix.PollFd{
+		{Fd: int32(b.outFD), Events: unix.POLLIN},
+		{Fd: int32(c.pidfd), Events: unix.POLLIN},
+		{Fd: int32(b.slot.evfd), Events: unix.POLLIN},
+	}
+	held := b.spec.Hold
+	if !held {
+		b.since = time.Now()
+	}
+	out := outputCopy{w: b.spec.Output}
+	for {
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			b.log.Error("waiting on the function", "err", err)
+			break // kill what is left and end the execution below
+		}
+		if fds[2].Revents != 0 {
+			b.slot.drainWake()
+			if held && b.resumeReq.Load() {
+				held = false
+				b.since = time.Now()
+				if err := unix.PtraceDetach(c.pid); err != nil && !errors.Is(err, unix.ESRCH) {
+					b.log.Error("letting a held function run", "err", err)
+				}
+			}
+		}
+		if fds[0].Revents != 0 && !out.read(b.outFD, b.slot.buf[:]) {
+			fds[0].Fd = -1 // EOF: every writer is gone; poll skips it
+		}
+		if fds[1].Revents != 0 {
+			break
+		}
+	}
+	var wall time.Duration
+	if !b.since.IsZero() {
+		wall = time.Since(b.since)
+	}
+	ctx := trace.ContextWithSpanContext(context.Background(), b.span)
+	_, span := b.tp.Tracer(tracerName).Start(ctx, SpanCleanup)
+
+	// The main process is over, so the execution is: whatever it left
+	// behind goes too, even a child that still holds the output open. On
+	// cgroup v1 the kill freezes the slot's cgroup, which holds this very
+	// thread: another goroutine kills, this one waits outside the freezer.
+	b.killMu.Lock()
+	if err := ignoreESRCH(unix.Kill(-b.proc.pid, unix.SIGKILL)); err != nil {
+		b.log.Error("killing the rest of the process group", "err", err)
+	}
+	if b.cgroup != nil && !b.cgroup.empty() {
+		killed := make(chan error, 1)
+		go func() { killed <- b.cgroup.kill() }()
+		if err := <-killed; err != nil {
+			b.log.Error("killing the rest of the tree", "err", err)
+		}
+	}
+	goneErr := b.waitGone(emptyTimeout)
+	b.over = true
+	b.killMu.Unlock()
+	if goneErr != nil {
+		b.log.Error("confirming the tree is gone", "err", goneErr)
+	}
+	// A cgroup that proved every process gone means every writer is gone:
+	// read to EOF, however slow Spec.Output is. Without that proof a
+	// process that left the group may still hold the pipe: then each
+	// further read may wait at most DrainTimeout.
+	idle := -1
+	if b.cgroup == nil || goneErr != nil {
+		idle = int(DrainTimeout / time.Millisecond)
+	}
+	for fds[0].Fd >= 0 {
+		n, err := unix.Poll(fds[:1], idle)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || n == 0 {
+			out.err = errors.Join(out.err, ErrOutputAbandoned)
+			break
+		}
+		if !out.read(b.outFD, b.slot.buf[:]) {
+			break
+		}
+	}
+	unix.Close(b.outFD)
+
+	res := Result{WallTime: wall, OutputErr: out.err, MemoryLimitBytes: b.memoryLimit()}
+	b.finish(&res)
+	b.res = res
+	span.SetAttributes(attribute.Int("process.exit.code", res.ExitCode))
+	span.End()
+	b.onDone()
+	close(b.doneCh)
+	b.release(goneErr == nil, true)
+}
+
+// outputCopy copies what the pipe gives to w; when w fails it keeps
+// reading (and dropping) so the function never blocks on a full pipe.
+type outputCopy struct {
+	w   io.Writer
+	err error
+}
+
+// read reads what the pipe holds now; false at EOF.
+func (o *outputCopy) read(fd int, buf []byte) bool {
+	for {
+		n, err := unix.Read(fd, buf)
+		if n > 0 && o.err == nil {
+			if _, werr := o.w.Write(buf[:n]); werr != nil {
+				o.err = werr
+			}
+		}
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			return true
+		case errors.Is(err, unix.EINTR):
+		case err != nil || n == 0:
+			return false
+		}
+	}
+}
+
 // waitGone confirms the tree is gone: the cgroup is empty, or without one,
 // no live process is left in the process group.
-func (b *box) waitGone(timeout time.Duration) (err error) {
-	defer func() { b.gone = err == nil }()
+func (b *box) waitGone(timeout time.Duration) error {
 	if b.cgroup != nil {
 		return b.cgroup.waitEmpty(timeout)
 	}
 	var left []int
-	err = poll(timeout, func() (bool, error) {
+	err := poll(timeout, func() (bool, error) {
 		// The usual case, cheap: nothing at all is left in the group.
 		if errors.Is(unix.Kill(-b.proc.pid, 0), unix.ESRCH) {
 			return true, nil
@@ -489,9 +674,6 @@ func liveGroupMembers(fs procfs.FS, pgid int) ([]int, error) {
 	return left, nil
 }
 
-// provesGone: only a cgroup proves that no process escaped.
-func (b *box) provesGone() bool { return b.cgroup != nil }
-
 // memoryLimit is the limit in force: none without a cgroup to hold it.
 func (b *box) memoryLimit() int64 {
 	if b.cgroup == nil {
@@ -507,7 +689,7 @@ func (b *box) finish(res *Result) {
 	ws, ru, err := b.proc.reap()
 	switch {
 	case err != nil:
-		b.h.log.Error("reaping the function's process", "pid", b.proc.pid, "err", err)
+		b.log.Error("reaping the function's process", "pid", b.proc.pid, "err", err)
 		res.ExitCode = -1
 	case ws.Signaled():
 		res.ExitCode, res.Signal = 128+int(ws.Signal()), int(ws.Signal())
@@ -527,7 +709,7 @@ func (b *box) finish(res *Result) {
 		// the rest and what the rate limit suppressed.
 		suppressed, err := b.h.filter.settle(context.Background(), b.slot.uid)
 		if err != nil {
-			b.h.log.Warn("reading the execution's refused connections", "err", err)
+			b.log.Warn("reading the execution's refused connections", "err", err)
 		}
 		b.mu.Lock()
 		b.blockedCount += int(suppressed)
@@ -549,8 +731,9 @@ func (b *box) noteBlocked(c BlockedConnection) {
 }
 
 // release gives the slot back (or retires it, when its processes might
-// live on) and removes the execution's scratch dir.
-func (b *box) release(gone bool) {
+// live on) and removes the execution's scratch dir. onThread says the
+// slot's own thread calls it.
+func (b *box) release(gone, onThread bool) {
 	if b.slot == nil {
 		return
 	}
@@ -563,10 +746,10 @@ func (b *box) release(gone bool) {
 	}
 	if b.scratch != "" {
 		if err := removeScratch(b.scratch); err != nil {
-			b.h.log.Error("removing the scratch dir", "err", err)
+			b.log.Error("removing the scratch dir", "err", err)
 		}
 	}
-	b.h.pool.put(b.slot, b.cgroup, gone)
+	b.h.pool.put(b.slot, b.cgroup, gone, onThread)
 	b.slot = nil
 }
 

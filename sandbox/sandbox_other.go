@@ -6,9 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"runtime"
-	"time"
 )
 
 // The agent contains functions on Linux and Windows only; elsewhere New
@@ -24,7 +23,7 @@ func newHost(Config) (*host, error) {
 	return nil, fmt.Errorf("no containment on %s: %w", runtime.GOOS, errors.ErrUnsupported)
 }
 
-func (h *host) start(context.Context, Spec, *os.File) (*box, error) {
+func (h *host) start(context.Context, Spec, func()) (*box, error) {
 	return nil, errors.ErrUnsupported
 }
 func (h *host) isolation() Isolation { return Isolation{Cgroup: "none"} }
@@ -32,13 +31,10 @@ func (h *host) close() error         { return nil }
 
 type box struct{}
 
-func (b *box) pid() int                     { return 0 }
-func (b *box) resume() error                { return errors.ErrUnsupported }
-func (b *box) exited() <-chan struct{}      { return nil }
-func (b *box) terminate() error             { return errors.ErrUnsupported }
-func (b *box) kill() error                  { return errors.ErrUnsupported }
-func (b *box) waitGone(time.Duration) error { return nil }
-func (b *box) provesGone() bool             { return false }
-func (b *box) memoryLimit() int64           { return 0 }
-func (b *box) finish(*Result)               {}
-func (b *box) release(bool)                 {}
+func (b *box) pid() int              { return 0 }
+func (b *box) resume() error         { return errors.ErrUnsupported }
+func (b *box) terminate() error      { return errors.ErrUnsupported }
+func (b *box) kill() error           { return errors.ErrUnsupported }
+func (b *box) done() <-chan struct{} { return nil }
+func (b *box) result() Result        { return Result{} }
+func (b *box) logger() *slog.Logger  { return slog.New(slog.DiscardHandler) }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -102,28 +104,44 @@ func (h *host) isolation() Isolation { return h.iso }
 
 func (h *host) close() error { return removeScratch(h.scratchDir) }
 
-// box is one execution's job object.
+// box is one execution's job object, followed by goroutines of its own.
 type box struct {
+	log     *slog.Logger
+	spec    Spec
+	onDone  func()
 	proc    *os.Process
 	job     windows.Handle
 	process windows.Handle
 	port    windows.Handle // receives the job's limit messages
 	limits  jobLimits
 	scratch string
-	held    bool
+	output  *os.File // the read end of the output pipe
 	exit    chan struct{}
+	since   time.Time
+	mu      sync.Mutex // since, written by resume
+	res     Result
+	doneCh  chan struct{}
 }
 
 // start creates the job, starts the process suspended, assigns it to the
 // job and only then resumes it (unless held): no instruction of the
 // function, and so no child of it, runs outside the job.
-func (h *host) start(_ context.Context, spec Spec, output *os.File) (_ *box, err error) {
+func (h *host) start(_ context.Context, spec Spec, onDone func()) (_ *box, err error) {
 	// b is undone on every failure; the named result stays nil until the
 	// end, so the cleanup never sees a nil box.
-	b := &box{limits: newJobLimits(spec.Limits, h.cfg.PidsLimit, runtime.NumCPU()), held: spec.Hold, exit: make(chan struct{})}
+	b := &box{log: h.log.With("execution_id", spec.ID), spec: spec, onDone: onDone,
+		limits: newJobLimits(spec.Limits, h.cfg.PidsLimit, runtime.NumCPU()), exit: make(chan struct{}), doneCh: make(chan struct{})}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("output pipe: %w", err)
+	}
+	b.output = r
+	// Only the child holds the write end once it started.
+	defer w.Close()
 	defer func() {
 		if err != nil {
 			b.closeHandles()
+			_ = r.Close()
 			if b.scratch != "" {
 				_ = removeScratch(b.scratch)
 			}
@@ -164,7 +182,7 @@ func (h *host) start(_ context.Context, spec Spec, output *os.File) (_ *box, err
 	b.proc, err = os.StartProcess(spec.Path, append([]string{spec.Path}, spec.Args...), &os.ProcAttr{
 		Dir:   spec.Dir,
 		Env:   executionEnv(spec.Env, b.scratch),
-		Files: []*os.File{devNull, output, output},
+		Files: []*os.File{devNull, w, w},
 		Sys: &syscall.SysProcAttr{
 			CreationFlags: windows.CREATE_SUSPENDED | windows.CREATE_NEW_PROCESS_GROUP,
 		},
@@ -188,28 +206,93 @@ func (h *host) start(_ context.Context, spec Spec, output *os.File) (_ *box, err
 		if err := resumeProcess(b.proc.Pid); err != nil {
 			return abandon(err)
 		}
+		b.since = time.Now()
 	}
-	go b.watchExit()
+	go b.follow()
 	return b, nil
 }
 
-func (b *box) pid() int { return b.proc.Pid }
+func (b *box) pid() int              { return b.proc.Pid }
+func (b *box) done() <-chan struct{} { return b.doneCh }
+func (b *box) result() Result        { return b.res }
+func (b *box) logger() *slog.Logger  { return b.log }
 
 func (b *box) resume() error {
-	if !b.held {
+	if !b.spec.Hold {
 		return nil
 	}
+	b.mu.Lock()
+	b.since = time.Now()
+	b.mu.Unlock()
 	return resumeProcess(b.proc.Pid)
 }
 
-func (b *box) exited() <-chan struct{} { return b.exit }
-
-// watchExit closes exit once the process has exited; os.Process.Wait,
-// which releases it, comes after the rest of the job was killed.
-func (b *box) watchExit() {
-	defer close(b.exit)
+// follow copies the output and waits for the main process; once it has
+// exited, it kills the rest of the job, drains the output, measures, says
+// the execution is over and releases the job.
+func (b *box) follow() {
+	copied := make(chan error, 1)
+	drain := make(chan struct{})
+	go func() { copied <- copyOutput(b.spec.Output, b.output, drain) }()
 	if _, err := windows.WaitForSingleObject(b.process, windows.INFINITE); err != nil {
-		return
+		b.log.Error("waiting for the function", "err", err)
+	}
+	b.mu.Lock()
+	since := b.since
+	b.mu.Unlock()
+	var wall time.Duration
+	if !since.IsZero() {
+		wall = time.Since(since)
+	}
+	if err := b.kill(); err != nil {
+		b.log.Error("killing the rest of the job", "err", err)
+	}
+	goneErr := b.waitGone(emptyTimeout)
+	if goneErr != nil {
+		b.log.Error("confirming the job is empty", "err", goneErr)
+		close(drain)
+		if err := b.output.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+			b.log.Error("bounding the output drain", "err", err)
+		}
+	}
+	res := Result{WallTime: wall, MemoryLimitBytes: int64(b.limits.jobMemory)}
+	res.OutputErr = <-copied
+	_ = b.output.Close()
+	b.finish(&res)
+	b.res = res
+	b.onDone()
+	close(b.doneCh)
+	b.closeHandles()
+	_ = removeScratch(b.scratch)
+}
+
+// copyOutput copies everything read to out; when out fails it keeps reading
+// (and dropping) so the function never blocks on a full pipe. Once drain is
+// closed, each read may wait at most DrainTimeout; past it the rest is
+// abandoned.
+func copyOutput(out io.Writer, r *os.File, drain <-chan struct{}) error {
+	buf := make([]byte, 32<<10)
+	var outErr error
+	for {
+		select {
+		case <-drain:
+			if err := r.SetReadDeadline(time.Now().Add(DrainTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+				return errors.Join(outErr, err)
+			}
+		default:
+		}
+		n, err := r.Read(buf)
+		if n > 0 && outErr == nil {
+			if _, werr := out.Write(buf[:n]); werr != nil {
+				outErr = werr
+			}
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return errors.Join(outErr, ErrOutputAbandoned)
+		}
+		if err != nil {
+			return outErr
+		}
 	}
 }
 
@@ -285,11 +368,6 @@ func (b *box) waitGone(timeout time.Duration) error {
 	})
 }
 
-// provesGone: the job's accounting counts every process of the tree.
-func (b *box) provesGone() bool { return true }
-
-func (b *box) memoryLimit() int64 { return int64(b.limits.jobMemory) }
-
 // finish reaps the process and reads the job's accounting; hitting the
 // memory limit is known from the message the job posted to its completion
 // port.
@@ -319,13 +397,6 @@ func (b *box) finish(res *Result) {
 			res.OOMKilled = true
 		}
 	}
-}
-
-// release closes the handles (closing the job kills anything still in it)
-// and removes the scratch dir.
-func (b *box) release(bool) {
-	b.closeHandles()
-	_ = removeScratch(b.scratch)
 }
 
 func (b *box) closeHandles() {

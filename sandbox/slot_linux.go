@@ -3,7 +3,6 @@ package sandbox
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"runtime"
 	"sync"
@@ -35,6 +34,10 @@ type slot struct {
 
 	jobs  chan func()
 	ended chan struct{} // closed when the thread is done
+	// evfd is an eventfd that wakes the thread while it follows an
+	// execution; buf is where it reads the execution's output.
+	evfd int
+	buf  [32 << 10]byte
 
 	v1 *slotCgroupV1 // cgroup v1 only
 
@@ -58,35 +61,45 @@ func (s *slot) do(f func() error) error {
 	return <-errc
 }
 
-// spawn forks and execs req from the slot's thread. A held child is let
-// go by the same job, which waits on the thread (the tracer, the only one
-// that may detach) for resume or the child's end: resuming then costs one
-// wake of the thread and no reply.
-func (s *slot) spawn(req spawnRequest, log *slog.Logger) (*child, error) {
-	var c *child
+// run has the slot's thread fork and exec req for b, then follow it to
+// its end (box.follow); it returns once the process is forked (or could
+// not be). The thread closes the pipe's write end: only the child holds it
+// then, so EOF means every writer is gone.
+func (s *slot) run(b *box, req spawnRequest) error {
 	errc := make(chan error, 1)
 	s.jobs <- func() {
-		var err error
-		c, err = s.forkExec(req)
-		errc <- err
-		if err != nil || !req.hold {
+		c, err := s.forkExec(req)
+		unix.Close(req.output)
+		if err != nil {
+			errc <- err
 			return
 		}
-		select {
-		case <-c.resumeReq:
-			if err := unix.PtraceDetach(c.pid); err != nil && !errors.Is(err, unix.ESRCH) {
-				// Left stopped, the execution ends at its timeout or cancel.
-				log.Error("letting a held function run", "pid", c.pid, "err", err)
-			}
-		case <-c.exited: // killed while held
+		b.proc = c
+		if s.uid != 0 && b.h.filter != nil {
+			b.h.mu.Lock()
+			b.h.byUID[s.uid] = b
+			b.h.mu.Unlock()
 		}
+		errc <- nil
+		b.follow()
 	}
-	return c, <-errc
+	return <-errc
 }
 
-// resume lets a held child run; its slot's thread detaches from it.
-func (c *child) resume() {
-	c.resumeOnce.Do(func() { close(c.resumeReq) })
+// wake interrupts the slot thread's poll (a request for it, such as
+// resuming a held process).
+func (s *slot) wake() error {
+	one := [8]byte{1}
+	if _, err := unix.Write(s.evfd, one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+		return fmt.Errorf("waking the slot's thread: %w", err)
+	}
+	return nil
+}
+
+// drainWake consumes the wakes so far.
+func (s *slot) drainWake() {
+	var buf [8]byte
+	_, _ = unix.Read(s.evfd, buf[:])
 }
 
 // Pool sizing: spare slots kept ready beyond the ones in use, in
@@ -212,7 +225,7 @@ func (p *slotPool) take() (s *slot, cold bool, err error) {
 // left is cleaned first; a slot whose processes could not be proven gone,
 // or that cannot be cleaned, is ended instead, and its uid never handed out
 // again.
-func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
+func (p *slotPool) put(s *slot, cg execCgroup, gone, onThread bool) {
 	ok := gone
 	if cg != nil {
 		if err := cg.release(gone); err != nil {
@@ -221,7 +234,7 @@ func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
 		}
 	}
 	if ok && p.h.namespaces {
-		if err := p.clean(s); err != nil {
+		if err := p.clean(s, onThread); err != nil {
 			p.h.log.Error("cleaning a slot's temporary dirs", "slot", s.id, "err", err)
 			ok = false
 		}
@@ -237,6 +250,15 @@ func (p *slotPool) put(s *slot, cg execCgroup, gone bool) {
 	}
 	p.live--
 	p.mu.Unlock()
+	if onThread {
+		// The slot's own thread cannot wait for itself to end.
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.end(s, gone)
+		}()
+		return
+	}
 	p.end(s, gone)
 }
 
@@ -252,12 +274,16 @@ func (p *slotPool) wakeTakers() {
 // clean empties the slot's temporary dirs when the execution left
 // anything there. The usual execution leaves nothing: one fstatfs, from
 // any thread; the scrub runs on the slot's thread, in its namespace.
-func (p *slotPool) clean(s *slot) error {
+func (p *slotPool) clean(s *slot, onThread bool) error {
 	inodes, blocks, err := tmpUsage(s.tmpFD)
 	if err != nil || (inodes <= s.tmpInodes && blocks <= s.tmpBlocks) {
 		return err
 	}
-	if err := s.do(scrubTmp); err != nil {
+	scrub := scrubTmp
+	if !onThread {
+		scrub = func() error { return s.do(scrubTmp) }
+	}
+	if err := scrub(); err != nil {
 		return err
 	}
 	if inodes, blocks, err = tmpUsage(s.tmpFD); err != nil {
@@ -401,12 +427,17 @@ func (p *slotPool) make(n int) ([]*slot, error) {
 
 // newSlot starts a slot's thread and sets up its isolation.
 func (p *slotPool) newSlot(id int) (*slot, error) {
-	s := &slot{id: id, jobs: make(chan func()), ended: make(chan struct{}), tmpFD: -1}
+	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("slot %d: %w", id, err)
+	}
+	s := &slot{id: id, jobs: make(chan func()), ended: make(chan struct{}), tmpFD: -1, evfd: evfd}
 	if r := p.h.runner; r != nil {
 		s.cred = &slotCred{uid: r.uid, gid: r.gid}
 		if p.uids != nil {
 			uid, err := p.uids.acquire()
 			if err != nil {
+				unix.Close(s.evfd)
 				return nil, err
 			}
 			s.uid, s.cred.uid = uid, uid
@@ -417,6 +448,7 @@ func (p *slotPool) newSlot(id int) (*slot, error) {
 	go p.runThread(s, ready)
 	if err := <-ready; err != nil {
 		<-s.ended
+		unix.Close(s.evfd)
 		if p.uids != nil && s.uid != 0 {
 			p.uids.release(s.uid)
 		}
@@ -534,6 +566,7 @@ func (p *slotPool) end(s *slot, keepUID bool) {
 	if s.tmpFD >= 0 {
 		_ = unix.Close(s.tmpFD)
 	}
+	_ = unix.Close(s.evfd)
 	if p.h.cgroups != nil && s.v1 != nil {
 		if err := p.h.cgroups.detach(s); err != nil {
 			p.h.log.Warn("removing a slot's cgroups", "slot", s.id, "err", err)

@@ -3,9 +3,8 @@ package sandbox
 import (
 	"errors"
 	"fmt"
-	"os"
-	"sync"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,8 +15,8 @@ type spawnRequest struct {
 	argv   []string
 	dir    string
 	env    []string
-	stdin  *os.File
-	output *os.File
+	stdin  int        // fd 0 of the function
+	output int        // the write end of the output pipe: fds 1 and 2
 	cgroup execCgroup // nil: none
 	hold   bool
 	noFile uint64
@@ -32,13 +31,10 @@ type spawnRequest struct {
 
 // child is a function's main process, started by a slot's thread.
 type child struct {
-	pid   int
-	pidfd *os.File // polled by the runtime: readable once the process exits
-	// exited is closed once the process has exited, before it is reaped.
-	exited chan struct{}
-	// resumeReq lets a held process go.
-	resumeOnce sync.Once
-	resumeReq  chan struct{}
+	pid int
+	// pidfd turns readable once the process has exited; the slot's thread
+	// polls it.
+	pidfd int
 }
 
 // forkExec starts req's process from the calling thread, which must be a
@@ -74,7 +70,7 @@ func (s *slot) forkExec(req spawnRequest) (*child, error) {
 	procAttr := &syscall.ProcAttr{
 		Dir:   req.dir,
 		Env:   req.env,
-		Files: []uintptr{req.stdin.Fd(), req.output.Fd(), req.output.Fd()},
+		Files: []uintptr{uintptr(req.stdin), uintptr(req.output), uintptr(req.output)},
 		Sys:   attr,
 	}
 	pid, err := syscall.ForkExec(req.path, req.argv, procAttr)
@@ -89,8 +85,8 @@ func (s *slot) forkExec(req spawnRequest) (*child, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", req.path, err)
 	}
-	c := &child{pid: pid, exited: make(chan struct{}), resumeReq: make(chan struct{})}
-	if err := s.gate(c, req, join, pidfd); err != nil {
+	c := &child{pid: pid, pidfd: pidfd}
+	if err := s.gate(c, req, join); err != nil {
 		_ = unix.Kill(pid, unix.SIGKILL)
 		var ws unix.WaitStatus
 		_, _ = unix.Wait4(pid, &ws, 0, nil)
@@ -103,12 +99,25 @@ func (s *slot) forkExec(req spawnRequest) (*child, error) {
 }
 
 // gate finishes a process stopped at its exec: it waits for the stop,
-// places it (when clone3 could not), sets its limits, watches its exit and
-// lets it run unless it is held.
-func (s *slot) gate(c *child, req spawnRequest, join bool, pidfd int) error {
+// places it (when clone3 could not), sets its limits and lets it run
+// unless it is held.
+func (s *slot) gate(c *child, req spawnRequest, join bool) error {
+	if c.pidfd < 0 {
+		return errors.New("no pidfd for the process (kernel before 5.3)")
+	}
+	// The stop comes a moment after the exec the fork already waited
+	// for: a raw wait keeps the thread's P rather than handing it off and
+	// taking it back, which costs more than the wait.
 	var ws unix.WaitStatus
-	if _, err := unix.Wait4(c.pid, &ws, 0, nil); err != nil {
-		return fmt.Errorf("waiting for the exec stop: %w", err)
+	for {
+		_, _, errno := unix.RawSyscall6(unix.SYS_WAIT4, uintptr(c.pid), uintptr(unsafe.Pointer(&ws)), 0, 0, 0, 0)
+		if errno == unix.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return fmt.Errorf("waiting for the exec stop: %w", errno)
+		}
+		break
 	}
 	if !ws.Stopped() {
 		return fmt.Errorf("the process ended at its exec (%v)", ws)
@@ -121,14 +130,6 @@ func (s *slot) gate(c *child, req spawnRequest, join bool, pidfd int) error {
 	if err := s.setLimits(c.pid, req.noFile); err != nil {
 		return err
 	}
-	if pidfd < 0 {
-		return errors.New("no pidfd for the process (kernel before 5.3)")
-	}
-	if err := unix.SetNonblock(pidfd, true); err != nil {
-		return fmt.Errorf("pidfd: %w", err)
-	}
-	c.pidfd = os.NewFile(uintptr(pidfd), "pidfd")
-	go c.watchExit()
 	if !req.hold {
 		if err := unix.PtraceDetach(c.pid); err != nil {
 			return fmt.Errorf("starting the function: %w", err)
@@ -200,25 +201,8 @@ func (s *slot) restoreIDs() {
 	}
 }
 
-// watchExit closes exited once the process has exited, without reaping it:
-// the runtime's poller says when the pidfd is readable, so no thread blocks
-// for it.
-func (c *child) watchExit() {
-	defer close(c.exited)
-	rc, err := c.pidfd.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = rc.Read(func(fd uintptr) bool {
-		var info unix.Siginfo
-		err := unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
-		return err != nil || info.Signo != 0
-	})
-}
-
 // reap collects the exited process's status and resource use.
 func (c *child) reap() (unix.WaitStatus, unix.Rusage, error) {
-	<-c.exited
 	var ws unix.WaitStatus
 	var ru unix.Rusage
 	for {
@@ -226,7 +210,7 @@ func (c *child) reap() (unix.WaitStatus, unix.Rusage, error) {
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
-		_ = c.pidfd.Close()
+		_ = unix.Close(c.pidfd)
 		return ws, ru, err
 	}
 }
