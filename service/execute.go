@@ -269,9 +269,13 @@ func (s *Service) claim(ctx context.Context, e *execution, rec Record) (err erro
 		return fmt.Errorf("encode record %s: %w", e.id, err)
 	}
 	// A stalled Redis must not hold the caller until its deadline.
-	ctx, cancel := context.WithTimeout(ctx, redisTryTimeout)
+	try, cancel := context.WithTimeout(ctx, redisTryTimeout)
 	defer cancel()
-	created, err := s.state.createRecord(ctx, e.id, data, false)
+	created, err := s.state.createRecord(try, e.id, data, false)
+	if err != nil && ctx.Err() == nil && try.Err() != nil {
+		// The agent gave up on Redis, not the caller: Unavailable.
+		err = fmt.Errorf("create record %s: Redis did not answer within %s", e.id, redisTryTimeout)
+	}
 	if err != nil {
 		s.metrics.RedisError(ctx, "create_record")
 		// The record may be written all the same: the answer was lost, or
