@@ -127,7 +127,7 @@ func TestFinalRecordsWaitForRedis(t *testing.T) {
 	t.Parallel()
 	logs, metrics := &logRecorder{}, &redisErrors{}
 	h := newHarness(t, func(o *Options) { o.Logger, o.Metrics = slog.New(logs), metrics })
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	release := make(chan struct{})
 	h.register(t, &fluxpb.FunctionConfig{Name: "f"}, waitsFor(release, "before\n", "after\n"))
 	ids := []string{"exc-a1", "exc-a2", "exc-s"}
@@ -220,7 +220,7 @@ func TestSettleWaitsForRedis(t *testing.T) {
 	h.waitRecord(t, "exc-now", "running", func(r *Record) bool { return r.Output == "up\n" })
 
 	h.redis.stop(t)
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	if !waitFor(10*time.Second, func() bool { return metrics.count("probe") >= 2 }) {
 		t.Fatal("the upkeep did not try Redis")
 	}
@@ -250,7 +250,7 @@ func TestRunningRecordsOutliveTheirTTL(t *testing.T) {
 	t.Parallel()
 	const ttl = 3 * time.Second
 	h := newHarness(t, func(o *Options) { o.ExecutionTTL = ttl })
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	h.register(t, &fluxpb.FunctionConfig{Name: "long"}, runsUntilCancelled("up\n"))
 	h.execute(t, "long", "exc-1", true)
 	h.waitRecord(t, "exc-1", "output", func(r *Record) bool { return r.Output == "up\n" })
@@ -275,7 +275,7 @@ func TestRedisRestartsEmpty(t *testing.T) {
 	t.Parallel()
 	apps := t.TempDir()
 	h := newHarness(t, func(o *Options) { o.AppsDir = apps })
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	release, quiet := make(chan struct{}), make(chan struct{})
 	h.register(t, &fluxpb.FunctionConfig{Name: "f"}, waitsFor(release, "before\n", "after\n"))
 	h.register(t, &fluxpb.FunctionConfig{Name: "quiet"}, waitsFor(quiet, "", ""))
@@ -338,7 +338,7 @@ func TestRedisRestartsEmpty(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.svc = next // the harness shuts it down
-	next.Start()
+	next.Start(context.Background())
 	if !waitFor(10*time.Second, func() bool {
 		ok, _ := h.redis.client.HExists(ctx, next.state.functionsKey(), "f").Result()
 		return ok
@@ -359,7 +359,7 @@ func TestRedisRestartsEmpty(t *testing.T) {
 func TestFailedClaimsAreSettled(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	h.register(t, &fluxpb.FunctionConfig{Name: "f"}, exits(0, "ran\n"))
 	ctx := context.Background()
 
@@ -428,7 +428,7 @@ func TestPendingFinalsAreBounded(t *testing.T) {
 	if n := h.svc.finals.count(); n != 2 {
 		t.Fatalf("%d pending, want the limit, 2", n)
 	}
-	h.svc.Start()
+	h.svc.Start(context.Background())
 	h.redis.resume(t)
 	want := map[string]string{"exc-1": StatusFailed, "exc-2": StatusSuccess, "exc-3": StatusSuccess}
 	for id, st := range want {

@@ -43,29 +43,38 @@ type toSettle struct {
 	notBefore time.Time
 }
 
-// Start begins the agent's upkeep of Redis in the background, until
-// Shutdown: it settles the records an earlier run left running (retrying
-// until Redis answers), writes the final records that could not be
-// written when their executions ended, refreshes the TTL of running
-// records, and writes back what this agent owns (function configs,
-// running records, their output) when Redis lost it. New starts nothing:
-// call Start once the agent serves.
-func (s *Service) Start() {
+// Start begins the agent's upkeep of Redis, until Shutdown: it settles
+// the records an earlier run left running (retrying until Redis answers),
+// writes the final records that could not be written when their
+// executions ended, refreshes the TTL of running records, and writes back
+// what this agent owns (function configs, running records, their output)
+// when Redis lost it. Its first round runs before Start returns, within
+// ctx, so that an agent that serves has settled what Redis let it settle;
+// the rest runs in the background. New starts nothing: call Start before
+// the agent serves.
+func (s *Service) Start(ctx context.Context) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.stopUpkeep != nil || s.draining {
+		s.mu.Unlock()
 		return
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	bg, cancel := context.WithCancel(context.Background())
 	s.stopUpkeep = cancel
-	s.upkeepDone.Add(2)
+	s.upkeepDone.Add(2) // before the first round: Shutdown may come during it
+	s.mu.Unlock()
+	var u upkeepState
+	first, cancelFirst := context.WithCancel(bg) // Shutdown ends it too
+	stop := context.AfterFunc(ctx, cancelFirst)
+	s.upkeepRound(first, &u)
+	stop()
+	cancelFirst()
 	go func() {
 		defer s.upkeepDone.Done()
-		s.finals.run(ctx)
+		s.finals.run(bg)
 	}()
 	go func() {
 		defer s.upkeepDone.Done()
-		s.upkeep(ctx)
+		s.upkeep(bg, &u)
 	}()
 }
 
@@ -90,17 +99,18 @@ type upkeepState struct {
 	down      bool // the outage is logged
 }
 
-func (s *Service) upkeep(ctx context.Context) {
-	var u upkeepState
+// upkeep runs a round every upkeepInterval, the first one after it (Start
+// ran one).
+func (s *Service) upkeep(ctx context.Context, u *upkeepState) {
 	tick := time.NewTicker(upkeepInterval)
 	defer tick.Stop()
 	for {
-		s.upkeepRound(ctx, &u)
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		s.upkeepRound(ctx, u)
 	}
 }
 
