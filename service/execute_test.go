@@ -400,6 +400,7 @@ func TestShutdownQueuedAndRunning(t *testing.T) {
 func TestShutdownWithRedisStalled(t *testing.T) {
 	h := newHarness(t, nil)
 	h.unsettledOK = true
+	h.svc.Start(context.Background()) // its upkeep, stalled too, must stop within the budget
 	h.register(t, &fluxpb.FunctionConfig{Name: "f"}, runsUntilCancelled("up\n"))
 	h.execute(t, "f", "exc-1", true)
 	h.waitRecord(t, "exc-1", "up", func(r *Record) bool { return r.Output == "up\n" })

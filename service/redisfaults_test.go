@@ -323,8 +323,10 @@ func TestRedisRestartsEmpty(t *testing.T) {
 			t.Errorf("%s after Redis restarted empty: %+v output %q", id, rec, out)
 		}
 	}
-	if rec, _ := h.stored(t, "exc-quiet"); rec == nil || rec.Status != StatusSuccess {
-		t.Errorf("exc-quiet: %+v", rec)
+	var quietRec *Record
+	if !waitFor(5*time.Second, func() bool { quietRec, _ = h.stored(t, "exc-quiet"); return quietRec != nil && quietRec.Final() }) ||
+		quietRec.Status != StatusSuccess {
+		t.Errorf("exc-quiet: %+v", quietRec)
 	}
 	if err := h.svc.Shutdown(ctx); err != nil {
 		t.Fatal(err)
