@@ -100,7 +100,7 @@ func TestDeployOptions(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Deploy = DeployConfig{MaxBytes: 10 << 20, MaxFiles: 100, MaxRatio: 50, KeepVersions: 3}
 	got := cfg.deployOptions(logger)
-	want := deployments.Options{Limits: deployments.Limits{MaxBytes: 10 << 20, MaxFiles: 100, MaxRatio: 50}, Keep: 3, Logger: logger}
+	want := deployments.Options{Limits: deployments.Limits{MaxBytes: 10 << 20, MaxFiles: 100, MaxRatio: 50}, Keep: 3, Foreign: service.FunctionFiles, Logger: logger}
 	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b *slog.Logger) bool { return a == b })); diff != "" {
 		t.Errorf("deployOptions (-want +got):\n%s", diff)
 	}

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 
 	"github.com/serverless-fabric/flux-agent/deployments"
+	"github.com/serverless-fabric/flux-agent/service"
 )
 
 // DeployConfig bounds what one code archive may unpack to.
@@ -55,7 +59,22 @@ func (c *Config) deployOptions(logger *slog.Logger) deployments.Options {
 			MaxFiles: c.Deploy.MaxFiles,
 			MaxRatio: c.Deploy.MaxRatio,
 		},
-		Keep:   keep,
-		Logger: logger,
+		Keep:    keep,
+		Foreign: service.FunctionFiles,
+		Logger:  logger,
 	}
+}
+
+// makeSpoolDir makes, beside apps_dir (on the same disk, never in memory),
+// the directory where running executions keep a copy of their output in
+// case Redis loses it, readable by the agent alone, and returns it.
+func (c *Config) makeSpoolDir() (string, error) {
+	dir := filepath.Join(filepath.Dir(filepath.Clean(c.AppsDir)), "spool")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("output spool beside apps_dir: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return "", fmt.Errorf("output spool beside apps_dir: %w", err)
+	}
+	return dir, nil
 }

@@ -52,6 +52,11 @@ const maxMessageBytes = 64 << 20
 // telemetryFlushTimeout bounds the final flush when a collector is slow.
 const telemetryFlushTimeout = 5 * time.Second
 
+// startUpkeepWait bounds the first upkeep round at start (settling what an
+// earlier run left running): an agent whose Redis is down still starts
+// and serves, and the upkeep finishes the round when Redis answers.
+const startUpkeepWait = 10 * time.Second
+
 func main() {
 	os.Exit(runUntilStopped(func(ctx context.Context) int {
 		return run(ctx, os.Args[1:], os.Stdout, os.Stderr)
@@ -235,6 +240,7 @@ func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, e
 
 	redisOpts := cfg.RedisOptions()
 	redisOpts.ClientName = "flux-agent:" + cfg.AgentID
+	redis.SetLogger(telemetry.RedisLogger{Logger: logger.With("component", "redis")})
 	a.rdb = redis.NewUniversalClient(redisOpts)
 	if err := telemetry.InstrumentRedis(a.rdb, a.tel.TracerProvider); err != nil {
 		return nil, fmt.Errorf("redis tracing: %w", err)
@@ -258,6 +264,10 @@ func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, e
 	svcOpts.AgentID, svcOpts.Version = cfg.AgentID, version
 	svcOpts.Redis, svcOpts.Sandbox, svcOpts.Deployments = a.rdb, a.sandbox, a.store
 	svcOpts.Node, svcOpts.IPs = a.sampler, a.ips
+	svcOpts.AppsDir = cfg.AppsDir
+	if svcOpts.SpoolDir, err = cfg.makeSpoolDir(); err != nil {
+		return nil, err
+	}
 	svcOpts.Metrics, svcOpts.Tracer, svcOpts.Logger = a.tel.Metrics, a.tel.TracerProvider, logger
 	if a.svc, err = service.New(svcOpts); err != nil {
 		return nil, err
@@ -445,13 +455,13 @@ func newAdminServer(svc *service.Service, tel *telemetry.Telemetry, ep *adminEnd
 // answers Flux's GetExecution, CancelExecution and HealthCheck (now
 // unhealthy).
 func (a *agent) Run(ctx context.Context) error {
-	settleCtx, cancelSettle := context.WithTimeout(ctx, 10*time.Second)
-	if n, err := a.svc.Settle(settleCtx); err != nil {
-		a.log.Warn("executions left running by an earlier run were not settled", "err", err)
-	} else if n > 0 {
-		a.log.Warn("marked executions left running by an earlier run as failed", "count", n)
-	}
-	cancelSettle()
+	// The first upkeep round settles what an earlier run left running and
+	// writes back what Redis lost, before the agent serves; if Redis does
+	// not answer within startUpkeepWait, the rest is done in the
+	// background when it does.
+	startCtx, cancelStart := context.WithTimeout(ctx, startUpkeepWait)
+	a.svc.Start(startCtx)
+	cancelStart()
 
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- a.grpc.Serve(a.listener) }()

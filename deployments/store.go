@@ -70,6 +70,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -111,6 +112,10 @@ type Options struct {
 	// Keep is how many superseded versions are kept besides the current one:
 	// 0 means DefaultKeep, a negative value keeps none.
 	Keep int
+	// Foreign names files another part of the agent keeps in each
+	// function's dir (the service's copy of the function's config): the
+	// store leaves them alone and does not report them.
+	Foreign []string
 	// Logger receives deploys and clean-up failures; nil discards.
 	Logger *slog.Logger
 }
@@ -118,11 +123,12 @@ type Options struct {
 // Store owns apps_dir: it installs code, hands out leases on versions and
 // removes versions nobody needs.
 type Store struct {
-	dir    string // absolute apps_dir
-	root   *os.Root
-	limits Limits
-	keep   int
-	log    *slog.Logger
+	dir     string // absolute apps_dir
+	root    *os.Root
+	limits  Limits
+	keep    int
+	foreign []string
+	log     *slog.Logger
 
 	// closing is cancelled by Close, which stops deploys under way.
 	closing context.Context
@@ -202,6 +208,7 @@ func Open(appsDir string, opts Options) (*Store, error) {
 		root:      root,
 		limits:    opts.Limits.withDefaults(),
 		keep:      opts.Keep,
+		foreign:   opts.Foreign,
 		log:       opts.Logger,
 		functions: make(map[string]*function),
 	}
@@ -301,7 +308,9 @@ func (s *Store) recoverFunction(name string) (*function, error) {
 		}
 		seq, ok := parseVersion(entry)
 		if !ok || !de.IsDir() {
-			s.log.Warn("ignoring unexpected entry in function dir", "function", name, "entry", entry)
+			if !slices.Contains(s.foreign, entry) {
+				s.log.Warn("ignoring unexpected entry in function dir", "function", name, "entry", entry)
+			}
 			continue
 		}
 		fn.lastSeq = max(fn.lastSeq, seq)

@@ -19,9 +19,12 @@ import (
 	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
-// finalWriteTimeout bounds the write of a final record, which must happen
-// even when the RPC that started the execution is gone.
-const finalWriteTimeout = 10 * time.Second
+// finalWriteTimeout bounds how long the end of an execution (and a sync
+// caller's reply) waits for its final record to be written: a try against
+// a stalled server, or a few against a failing one. What Redis does not
+// take by then is written in the background (finals), and GetExecution
+// answers from it meanwhile.
+const finalWriteTimeout = 2 * time.Second
 
 // finalWriteRetry is the first pause between tries of a final write; it
 // doubles until finalWriteTimeout is spent.
@@ -113,6 +116,10 @@ type execution struct {
 	cancelled bool
 	cancelMsg string
 	cancelCh  chan struct{} // closed on the first cancel
+	// stored is the running record as last written to Redis, which the
+	// upkeep writes back if Redis loses it; nil before the claim and once
+	// the final record is being written.
+	stored []byte
 }
 
 // cancel asks the execution to end now: a queued one leaves the queue, a
@@ -265,14 +272,28 @@ func (s *Service) claim(ctx context.Context, e *execution, rec Record) (err erro
 	if err != nil {
 		return fmt.Errorf("encode record %s: %w", e.id, err)
 	}
-	created, err := s.state.createRecord(ctx, e.id, data, false)
+	// A stalled Redis must not hold the caller until its deadline.
+	try, cancel := context.WithTimeout(ctx, redisTryTimeout)
+	defer cancel()
+	created, err := s.state.createRecord(try, e.id, data, false)
+	if err != nil && ctx.Err() == nil && try.Err() != nil {
+		// The agent gave up on Redis, not the caller: Unavailable.
+		err = fmt.Errorf("create record %s: Redis did not answer within %s", e.id, redisTryTimeout)
+	}
 	if err != nil {
 		s.metrics.RedisError(ctx, "create_record")
+		// The record may be written all the same: the answer was lost, or
+		// (in a Cluster) only the running set's node failed. The caller is
+		// told the execution did not start, and so will the record be.
+		s.queueSettle(e.id, reasonClaimFailed, claimSettleDelay)
 		return err
 	}
 	if !created {
 		return fmt.Errorf("%w: %s", ErrDuplicateExecution, e.id)
 	}
+	e.mu.Lock()
+	e.stored = data
+	e.mu.Unlock()
 	return nil
 }
 
@@ -387,7 +408,13 @@ func (s *Service) launch(e *execution) {
 		// one, from this goroutine.
 		ctx, span := s.tracer.Start(e.ctx, spanRecordUpdate)
 		ctx, cancel := context.WithTimeout(ctx, redisTryTimeout)
-		err := s.state.updateRecord(ctx, &e.rec)
+		data, err := json.Marshal(&e.rec)
+		if err == nil {
+			e.mu.Lock()
+			e.stored = data
+			e.mu.Unlock()
+			err = s.state.updateRecord(ctx, e.id, data)
+		}
 		cancel()
 		if err != nil {
 			s.metrics.RedisError(ctx, "update_record")
@@ -416,7 +443,7 @@ func (s *Service) start(e *execution) (Process, error) {
 	}
 	e.code = code
 	e.rec.CodeVersion = code.Version
-	out := newOutputStream(e.ctx, s.opts.OutputLimit, s.replyBudgetFor(e), e.logger, s.outputWriter(e))
+	out := newOutputStream(e.ctx, s.opts.OutputLimit, s.replyBudgetFor(e), e.logger, s.opts.SpoolDir, s.outputWriter(e))
 	out.tap = &e.feed
 	e.mu.Lock() // Shutdown reaches it through abandon
 	e.out = out
@@ -471,6 +498,17 @@ func (e *execution) abandon() {
 	e.abort()
 }
 
+// checkOutput has the execution's output writer check that Redis still
+// holds what it wrote, and write again what it lost.
+func (e *execution) checkOutput() {
+	e.mu.Lock()
+	out := e.out
+	e.mu.Unlock()
+	if out != nil {
+		out.checkRedis()
+	}
+}
+
 // replyBudgetFor is the budget a sync execution keeps its reply under;
 // nil for an async one, which keeps none.
 func (s *Service) replyBudgetFor(e *execution) *byteBudget {
@@ -505,6 +543,9 @@ func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
 		rest = e.out.stop()
 		out = e.out.stats()
 	}
+	e.mu.Lock()
+	e.stored = nil // from now on the final record is what Redis must get
+	e.mu.Unlock()
 	now := time.Now().UTC()
 	rec := &e.rec
 	rec.StatusAt = &now
@@ -592,35 +633,69 @@ func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
 }
 
 // writeFinal stores the rest of the output and the final record, retrying
-// through a short Redis outage: a record left "running" would mislead Flux
-// until its TTL. What still fails (or is cut short by Shutdown) stays in
-// the running set, which Settle turns into a failed record at the agent's
-// next start.
+// through a short Redis outage for finalWriteTimeout: a record left
+// "running" would mislead Flux. What Redis has not taken by then, or once
+// Shutdown gave the execution up, is handed to the background writer
+// (finals), with the agent's copy of the output; it stays in the running
+// set until it is written. If Redis lost output written before (it
+// restarted empty), that output is written again from the copy first.
 func (s *Service) writeFinal(e *execution, rest []outputPiece) {
 	ctx, span := s.tracer.Start(e.ctx, spanRecordFinal)
 	defer span.End()
-	ctx, cancel := context.WithTimeout(ctx, finalWriteTimeout)
-	defer cancel()
+	var written int64
+	if e.out != nil {
+		written = e.out.writtenLen()
+	}
+	deadline := time.Now().Add(finalWriteTimeout)
 	pause := finalWriteRetry
-	for {
-		try, cancelTry := context.WithTimeout(ctx, redisTryTimeout)
-		err := s.state.finishRecord(try, &e.rec, rest)
+	var unlisted bool
+	var err error
+	for rewrites := 0; ; {
+		tryEnd := time.Now().Add(redisTryTimeout)
+		if tryEnd.After(deadline) {
+			tryEnd = deadline
+		}
+		try, cancelTry := context.WithDeadline(ctx, tryEnd)
+		unlisted, err = s.state.finishRecord(try, &e.rec, rest, written)
 		cancelTry()
+		var gap *outputGapError
+		if errors.As(err, &gap) && e.out != nil && rewrites < maxRewrites {
+			rewrites++
+			e.logger.WarnContext(ctx, "Redis lost output of the execution; writing it again", "have", gap.have, "written", written)
+			if err = e.out.rewrite(gap.have, written); err == nil {
+				continue
+			}
+		}
 		if err == nil {
 			return
 		}
 		s.metrics.RedisError(ctx, "finish_record")
+		if ctx.Err() != nil || time.Until(deadline) < pause {
+			break
+		}
 		retry := time.NewTimer(pause)
 		select {
 		case <-ctx.Done():
-			retry.Stop()
-			span.SetStatus(codes.Error, err.Error())
-			e.logger.ErrorContext(ctx, "final record not written", "status", e.rec.Status, "err", err)
-			return
 		case <-retry.C:
-			pause *= 2
 		}
+		retry.Stop()
+		pause *= 2
 	}
+	span.SetStatus(codes.Error, err.Error())
+	e.logger.DebugContext(ctx, "final record not written yet; retrying in the background", "status", e.rec.Status, "err", err)
+	pf := &pendingFinal{rec: e.rec, written: written, size: written, unlisted: unlisted}
+	for _, p := range rest {
+		pf.size = max(pf.size, p.offset+int64(len(p.data)))
+	}
+	if e.out != nil {
+		copied, cerr := e.out.takeCopy(rest)
+		if cerr != nil {
+			e.logger.ErrorContext(ctx, "no local copy of the output: what Redis lacks of it is lost", "err", cerr)
+			pf.size = written
+		}
+		pf.copy = copied
+	}
+	s.finals.add(ctx, pf, err)
 }
 
 // retire gives back everything the execution holds, once it is over.
@@ -719,6 +794,9 @@ func (s *Service) CancelExecution(ctx context.Context, req *fluxpb.CancelExecuti
 func (s *Service) notRunning(ctx context.Context, id string) string {
 	if !executionIDPattern.MatchString(id) {
 		return fmt.Sprintf("execution %q is not running on this agent", id)
+	}
+	if pf := s.finals.get(id); pf != nil {
+		return fmt.Sprintf("execution %s already finished (status %s)", id, pf.rec.Status)
 	}
 	if rec, err := s.state.record(ctx, id); err == nil && rec != nil && rec.Final() {
 		return fmt.Sprintf("execution %s already finished (status %s)", id, rec.Status)

@@ -399,6 +399,8 @@ func TestShutdownQueuedAndRunning(t *testing.T) {
 // first), and the next start settles the record it could not write.
 func TestShutdownWithRedisStalled(t *testing.T) {
 	h := newHarness(t, nil)
+	h.unsettledOK = true
+	h.svc.Start(context.Background()) // its upkeep, stalled too, must stop within the budget
 	h.register(t, &fluxpb.FunctionConfig{Name: "f"}, runsUntilCancelled("up\n"))
 	h.execute(t, "f", "exc-1", true)
 	h.waitRecord(t, "exc-1", "up", func(r *Record) bool { return r.Output == "up\n" })

@@ -32,16 +32,18 @@ import (
 // testRedis is a real redis-server on a loopback port, killed at the end
 // of the test.
 type testRedis struct {
-	addr string
-	cmd  *exec.Cmd
+	addr   string
+	port   int
+	dir    string
+	cmd    *exec.Cmd
+	exited chan struct{}
 	// client is the test's own view of the data, apart from the service's.
 	client *redis.Client
 }
 
 func startRedis(t testing.TB) *testRedis {
 	t.Helper()
-	path, err := exec.LookPath("redis-server")
-	if err != nil {
+	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Skipf("redis-server is needed (apt-get install redis-server): %v", err)
 	}
 	for attempt := 0; ; attempt++ {
@@ -51,47 +53,81 @@ func startRedis(t testing.TB) *testRedis {
 		}
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		cmd := exec.Command(path, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-			"--save", "", "--appendonly", "no", "--dir", t.TempDir())
-		var logs bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &logs, &logs
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan struct{})
-		go func() {
-			cmd.Wait()
-			close(exited)
-		}()
-		r := &testRedis{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), cmd: cmd}
+		r := &testRedis{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), port: port, dir: t.TempDir()}
 		r.client = redis.NewClient(&redis.Options{Addr: r.addr})
-		up := waitFor(10*time.Second, func() bool {
-			select {
-			case <-exited:
-				return true
-			default:
-				return r.client.Ping(context.Background()).Err() == nil
-			}
-		})
-		select {
-		case <-exited:
+		if logs, ok := r.run(t); !ok {
 			r.client.Close()
 			if attempt < 3 { // the port was taken between Close and bind
 				continue
 			}
-			t.Fatalf("redis-server exited: %s", logs.String())
-		default:
-		}
-		if !up {
-			t.Fatalf("redis-server did not answer: %s", logs.String())
+			t.Fatalf("redis-server exited: %s", logs)
 		}
 		t.Cleanup(func() {
 			r.client.Close()
-			cmd.Process.Signal(syscall.SIGCONT) // a test may have stopped it
-			cmd.Process.Kill()
-			<-exited
+			r.kill()
 		})
 		return r
+	}
+}
+
+// run starts redis-server on r's port, empty, and waits until it answers;
+// false when it exited instead.
+func (r *testRedis) run(t testing.TB) (string, bool) {
+	t.Helper()
+	cmd := exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", r.dir)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	r.cmd, r.exited = cmd, exited
+	up := waitFor(10*time.Second, func() bool {
+		return isClosed(exited) || r.client.Ping(context.Background()).Err() == nil
+	})
+	if isClosed(exited) {
+		return logs.String(), false
+	}
+	if !up {
+		t.Fatalf("redis-server did not answer: %s", logs.String())
+	}
+	return "", true
+}
+
+// kill ends the server at once, even a stopped one.
+func (r *testRedis) kill() {
+	r.cmd.Process.Signal(syscall.SIGCONT)
+	r.cmd.Process.Kill()
+	<-r.exited
+}
+
+// restartEmpty kills the server and starts a new one, empty, on the same
+// port: Redis restarted without persistence.
+func (r *testRedis) restartEmpty(t testing.TB) {
+	t.Helper()
+	r.kill()
+	if logs, ok := r.run(t); !ok {
+		t.Fatalf("redis-server did not restart: %s", logs)
+	}
+}
+
+// stop and resume stall the server (SIGSTOP, SIGCONT).
+func (r *testRedis) stop(t testing.TB) {
+	t.Helper()
+	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (r *testRedis) resume(t testing.TB) {
+	t.Helper()
+	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -298,6 +334,8 @@ type harness struct {
 	sb    *fakeSandbox
 	code  *fakeCode
 	trips *roundTrips
+	// unsettledOK says the test leaves records for the next start to settle.
+	unsettledOK bool
 }
 
 // newHarness starts a Service; change opts before it is built with edit.
@@ -319,12 +357,13 @@ func newHarness(t testing.TB, edit func(*Options)) *harness {
 	}
 	h.svc = svc
 	t.Cleanup(func() {
+		svc := h.svc // a test may have replaced it (an agent restart)
 		for _, p := range h.sb.processes() {
 			p.Cancel() // a test that failed half-way leaves none running
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		if err := svc.Shutdown(ctx); err != nil {
+		if err := svc.Shutdown(ctx); err != nil && !h.unsettledOK {
 			t.Errorf("shutdown: %v", err)
 		}
 		if n := h.code.leases.Load(); n != 0 {

@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -23,6 +24,15 @@ const outputChunkBytes = 64 << 10
 
 // outputRetryInterval paces retries while Redis refuses writes.
 const outputRetryInterval = time.Second
+
+// rewriteChunkBytes is how much output is written at once when Redis lost
+// some and it is written again from the agent's copy.
+const rewriteChunkBytes = 256 << 10
+
+// maxRewrites bounds how often one write finds Redis lost output again
+// while it writes it back (it keeps restarting empty): the write then
+// fails and is retried like any other.
+const maxRewrites = 3
 
 // chunkPool recycles the output buffers between executions.
 var chunkPool = sync.Pool{New: func() any {
@@ -52,6 +62,13 @@ type outputStats struct {
 // A sync execution also keeps its output for the reply, as long as the
 // node's reply budget has room: past it the reply is cut with a marker
 // while the output still goes, whole, to Redis.
+//
+// What goes to Redis is also kept by the agent until the execution's final
+// record is written: the reply holds its start, a spool file on local disk
+// the rest. Writes past offset 0 are checked (see state.writeOutput): when
+// Redis lost output (it restarted empty, a replica took over), the stream
+// writes it again from that copy, from where Redis stops, so the output in
+// Redis never has a gap.
 type outputStream struct {
 	limit int64
 	// budget bounds what all sync executions keep for their replies; nil
@@ -65,6 +82,15 @@ type outputStream struct {
 	// tap, when set, sees every byte the stream keeps, in order, as it
 	// comes (mu held): live tails read it before Redis has it.
 	tap *outputFeed
+	// spoolDir is where the spool is made ("" = the system's temp dir).
+	spoolDir string
+	// spool holds the output past the reply, made at its first chunk; the
+	// flush goroutine owns it while it runs, then the execution's run
+	// goroutine, which may hand it on (takeCopy).
+	spool *spool
+	// noCopy says why the agent's copy of the output is incomplete (the
+	// disk failed); Redis's loss can then not be made good.
+	noCopy error
 
 	mu        sync.Mutex
 	total     int64 // bytes the function wrote
@@ -84,6 +110,8 @@ type outputStream struct {
 	lost      int64 // bytes dropped once released
 	flushing  bool  // the flush goroutine runs
 	unwritten *outputPiece
+	written   int64     // Redis holds the output before this offset, as far as the agent knows
+	verify    bool      // check that Redis still holds what was written
 	pooled    []*[]byte // buffers to give back to chunkPool
 
 	// Made at the first output: most executions print little or nothing.
@@ -95,9 +123,10 @@ type outputStream struct {
 	done    chan struct{}
 }
 
-func newOutputStream(ctx context.Context, limit int64, budget *byteBudget, logger *slog.Logger,
+func newOutputStream(ctx context.Context, limit int64, budget *byteBudget, logger *slog.Logger, spoolDir string,
 	write func(ctx context.Context, offset int64, chunk []byte) error) *outputStream {
-	return &outputStream{limit: limit, budget: budget, keeping: budget != nil, write: write, ctx: ctx, logger: logger}
+	return &outputStream{limit: limit, budget: budget, keeping: budget != nil, write: write, ctx: ctx,
+		logger: logger, spoolDir: spoolDir}
 }
 
 // Write implements io.Writer for the sandbox. It never fails: output past
@@ -270,10 +299,14 @@ func (o *outputStream) flush() {
 		case <-o.ready:
 		}
 		p, buffer := o.next()
-		for len(p.data) > 0 {
-			ctx, cancel := context.WithTimeout(o.ctx, redisTryTimeout)
-			err := o.write(ctx, p.offset, p.data)
-			cancel()
+		if buffer {
+			o.copyToSpool(p)
+		}
+		if len(p.data) == 0 {
+			p.offset = o.toVerify() // nothing new: check what is there, if asked to
+		}
+		for len(p.data) > 0 || p.offset > 0 {
+			err := o.put(p)
 			if err == nil {
 				break
 			}
@@ -284,9 +317,11 @@ func (o *outputStream) flush() {
 			pace.Reset(outputRetryInterval)
 			select {
 			case <-o.quit:
-				o.mu.Lock()
-				o.unwritten = &p
-				o.mu.Unlock()
+				if len(p.data) > 0 {
+					o.mu.Lock()
+					o.unwritten = &p
+					o.mu.Unlock()
+				}
 				return
 			case <-pace.C:
 			}
@@ -310,6 +345,126 @@ func (o *outputStream) flush() {
 		case <-o.urge:
 		}
 	}
+}
+
+// put writes p to Redis. If Redis lost output before p, what it lacks is
+// written again from the agent's copy first.
+func (o *outputStream) put(p outputPiece) error {
+	for range maxRewrites {
+		ctx, cancel := context.WithTimeout(o.ctx, redisTryTimeout)
+		err := o.write(ctx, p.offset, p.data)
+		cancel()
+		var gap *outputGapError
+		if !errors.As(err, &gap) {
+			if err == nil {
+				o.mu.Lock()
+				o.written = max(o.written, p.offset+int64(len(p.data)))
+				o.mu.Unlock()
+			}
+			return err
+		}
+		o.logger.WarnContext(o.ctx, "Redis lost output of the execution; writing it again", "have", gap.have, "offset", p.offset)
+		if err := o.rewrite(gap.have, p.offset); err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("output at %d: Redis kept losing it", p.offset)
+}
+
+// rewrite writes output [from, to) again from the agent's copy, where
+// Redis lost it.
+func (o *outputStream) rewrite(from, to int64) error {
+	buf := make([]byte, min(to-from, rewriteChunkBytes))
+	for rewrites := 0; from < to; {
+		chunk := buf[:min(int64(len(buf)), to-from)]
+		if err := o.readCopy(chunk, from); err != nil {
+			return fmt.Errorf("write lost output again: %w", err)
+		}
+		ctx, cancel := context.WithTimeout(o.ctx, redisTryTimeout)
+		err := o.write(ctx, from, chunk)
+		cancel()
+		var gap *outputGapError
+		switch {
+		case errors.As(err, &gap) && rewrites < maxRewrites:
+			rewrites++
+			from = gap.have // Redis lost it again
+		case err != nil:
+			return err
+		default:
+			from += int64(len(chunk))
+		}
+	}
+	return nil
+}
+
+// readCopy fills p with the output at off from the agent's copy: the
+// reply, then the spool.
+func (o *outputStream) readCopy(p []byte, off int64) error {
+	o.mu.Lock()
+	n := 0
+	if off < int64(len(o.reply)) {
+		n = copy(p, o.reply[off:])
+	}
+	sp, noCopy := o.spool, o.noCopy
+	o.mu.Unlock()
+	if n == len(p) {
+		return nil
+	}
+	if sp == nil || noCopy != nil {
+		return errors.Join(errNoCopy, noCopy)
+	}
+	return sp.readAt(p[n:], off+int64(n))
+}
+
+// copyToSpool keeps a chunk headed for Redis in the spool. A disk that
+// fails leaves the copy incomplete, which matters only if Redis loses the
+// output too; it is logged once.
+func (o *outputStream) copyToSpool(p outputPiece) {
+	if o.noCopy != nil {
+		return
+	}
+	var err error
+	if o.spool == nil {
+		var sp *spool
+		if sp, err = openSpool(o.spoolDir); err == nil {
+			o.mu.Lock()
+			o.spool = sp
+			o.mu.Unlock()
+		}
+	}
+	if err == nil {
+		err = o.spool.writeAt(p.data, p.offset)
+	}
+	if err != nil {
+		o.logger.WarnContext(o.ctx, "no local copy of the output: it cannot be written again if Redis loses it", "err", err)
+		o.mu.Lock()
+		o.noCopy = err
+		o.mu.Unlock()
+	}
+}
+
+// checkRedis asks the flush goroutine to check that Redis still holds the
+// output written so far, and to write again what it lost: the agent saw
+// Redis restart or fail over.
+func (o *outputStream) checkRedis() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.written > 0 && o.flushing && !o.stopped {
+		o.verify = true
+		signal(o.ready)
+	}
+}
+
+// toVerify returns the offset to check Redis at (what was written), or 0
+// when no check was asked for.
+func (o *outputStream) toVerify() int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.verify {
+		return 0
+	}
+	o.verify = false
+	return o.written
 }
 
 // releaseWriters makes Write stop waiting for Redis: output that finds
@@ -357,6 +512,47 @@ func (o *outputStream) stop() []outputPiece {
 	return rest
 }
 
+// writtenLen is how much of the output went to Redis before the final
+// write, as far as the agent knows.
+func (o *outputStream) writtenLen() int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.written
+}
+
+// takeCopy hands over the agent's copy of the whole output (what stop
+// returned included) as a spool, once the stream is stopped: the final
+// record waits for Redis longer than the execution. It is nil when there
+// is no output; an error says the copy is incomplete.
+func (o *outputStream) takeCopy(rest []outputPiece) (*spool, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.noCopy != nil {
+		return nil, o.noCopy
+	}
+	if len(o.reply) == 0 && len(rest) == 0 && o.spool == nil {
+		return nil, nil
+	}
+	sp := o.spool
+	if sp == nil {
+		var err error
+		if sp, err = openSpool(o.spoolDir); err != nil {
+			return nil, err
+		}
+	}
+	o.spool = nil
+	err := sp.writeAt(o.reply, 0)
+	for _, p := range rest {
+		if err == nil {
+			err = sp.writeAt(p.data, p.offset)
+		}
+	}
+	if err != nil {
+		return nil, errors.Join(err, sp.close())
+	}
+	return sp, nil
+}
+
 // stats says what the output came to.
 func (o *outputStream) stats() outputStats {
 	o.mu.Lock()
@@ -385,6 +581,12 @@ func (o *outputStream) free() {
 		chunkPool.Put(b)
 	}
 	o.pooled, o.filling, o.spare = nil, nil, nil
+	if o.spool != nil {
+		if err := o.spool.close(); err != nil {
+			o.logger.WarnContext(o.ctx, "output spool not removed", "err", err)
+		}
+		o.spool = nil
+	}
 	if o.reserved > 0 {
 		o.budget.release(o.reserved)
 		o.reserved = 0

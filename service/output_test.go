@@ -59,7 +59,7 @@ func (s *storedOutput) finish(rest []outputPiece) string {
 }
 
 func newTestStream(limit int64, budget *byteBudget, store *storedOutput) *outputStream {
-	o := newOutputStream(context.Background(), limit, budget, slog.New(slog.DiscardHandler), store.write)
+	o := newOutputStream(context.Background(), limit, budget, slog.New(slog.DiscardHandler), "", store.write)
 	o.open()
 	return o
 }

@@ -26,10 +26,22 @@ const replyHeadBytes = 64 << 10
 // instead of multiplying the agent's memory. The record's share is given
 // back once gRPC has sent it (with ServerCodec) or the call is over
 // (without, the budget also counts gRPC's copy of the record).
+//
+// A final record that still waits for Redis (it failed when the execution
+// ended) is answered from the agent's own copy: Redis may not answer, or
+// still say running.
 func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequest) (*fluxpb.GetExecutionResponse, error) {
 	id := req.GetExecutionId()
 	if !executionIDPattern.MatchString(id) {
 		return &fluxpb.GetExecutionResponse{Found: false}, nil
+	}
+	if pf := s.finals.get(id); pf != nil {
+		pf.readers.RLock()
+		defer pf.readers.RUnlock()
+		if !pf.closed && (pf.copy != nil || pf.size == 0) {
+			sr := &storedRecord{rec: pf.rec, outputLen: pf.size}
+			return s.reply(ctx, sr, func(_ context.Context, n int64) ([]byte, error) { return pf.readOutput(n) })
+		}
 	}
 	sr, err := s.state.readRecord(ctx, id, replyHeadBytes)
 	if err != nil {
@@ -39,6 +51,18 @@ func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequ
 	if sr == nil {
 		return &fluxpb.GetExecutionResponse{Found: false}, nil
 	}
+	return s.reply(ctx, sr, func(ctx context.Context, n int64) ([]byte, error) {
+		out, err := s.state.readOutput(ctx, id, n)
+		if err != nil {
+			s.metrics.RedisError(ctx, "get_record")
+		}
+		return out, err
+	})
+}
+
+// reply builds the reply of a record whose output is read by readOutput
+// (its first bytes may come with sr).
+func (s *Service) reply(ctx context.Context, sr *storedRecord, readOutput func(context.Context, int64) ([]byte, error)) (*fluxpb.GetExecutionResponse, error) {
 	waitCtx, span := s.tracer.Start(ctx, spanReplyWait)
 	copies := int64(2) // the record, and gRPC's encoding of it
 	if s.zeroCopy.Load() {
@@ -54,9 +78,8 @@ func (s *Service) GetExecution(ctx context.Context, req *fluxpb.GetExecutionRequ
 	}
 	output := sr.output
 	if sr.outputLen > int64(len(output)) {
-		if output, err = s.state.readOutput(ctx, id, sr.outputLen); err != nil {
+		if output, err = readOutput(ctx, sr.outputLen); err != nil {
 			s.replies.release(held)
-			s.metrics.RedisError(ctx, "get_record")
 			return nil, toStatus(err)
 		}
 	}

@@ -72,8 +72,11 @@ type NodeIPs interface {
 
 // Options configure a Service.
 type Options struct {
-	AgentID      string
-	Version      string
+	AgentID string
+	Version string
+	// Redis holds the agent's state. A Cluster client gets a hook that
+	// makes it re-read the slot map when a command fails (see
+	// clusterFollower).
 	Redis        redis.UniversalClient
 	ExecutionTTL time.Duration
 	OutputLimit  int64
@@ -93,7 +96,16 @@ type Options struct {
 	// ReplyBytes bounds the memory of the GetExecution replies being
 	// built at once; callers beyond it wait, within their deadline. 0
 	// means DefaultReplyBytes.
-	ReplyBytes  int64
+	ReplyBytes int64
+	// AppsDir is where the code store keeps each function's code; the
+	// service keeps a copy of each function's config there
+	// (<name>/function.json), so functions survive Redis losing them.
+	// "" keeps none.
+	AppsDir string
+	// SpoolDir is where running executions keep a copy of their output on
+	// disk, to write it again if Redis loses it; "" is the system's temp
+	// dir. The files have no name (they are unlinked once open).
+	SpoolDir    string
 	Sandbox     *sandbox.Sandbox
 	Deployments *deployments.Store
 	Node        NodeStats
@@ -111,6 +123,8 @@ type Service struct {
 	sandbox    Sandbox
 	code       CodeStore
 	state      *state
+	local      *localFunctions
+	finals     *finals
 	slots      *slots
 	syncOutput *byteBudget
 	replies    *byteBudget
@@ -121,11 +135,16 @@ type Service struct {
 	logger     *slog.Logger
 	startedAt  time.Time
 
-	mu        sync.Mutex
-	functions map[string]*function
-	active    map[string]*execution
-	draining  bool
-	idle      chan struct{} // closed once draining and nothing is active
+	mu         sync.Mutex
+	functions  map[string]*function
+	active     map[string]*execution
+	draining   bool
+	idle       chan struct{}      // closed once draining and nothing is active
+	stopUpkeep context.CancelFunc // set by Start
+	upkeepDone sync.WaitGroup
+
+	settleMu sync.Mutex
+	toSettle map[string]toSettle
 
 	// drained is set by the admin's Drain: new executions are refused
 	// until Undrain.
@@ -168,11 +187,20 @@ func newService(opts Options, sb Sandbox, code CodeStore) (*Service, error) {
 	if opts.ReplyBytes == 0 {
 		opts.ReplyBytes = DefaultReplyBytes
 	}
-	return &Service{
+	local, err := openLocalFunctions(opts.AppsDir)
+	if err != nil {
+		return nil, err
+	}
+	st := &state{rdb: opts.Redis, agentID: opts.AgentID, ttl: opts.ExecutionTTL}
+	if c, ok := opts.Redis.(*redis.ClusterClient); ok {
+		c.AddHook(&clusterFollower{client: c})
+	}
+	s := &Service{
 		opts:       opts,
 		sandbox:    sb,
 		code:       code,
-		state:      &state{rdb: opts.Redis, agentID: opts.AgentID, ttl: opts.ExecutionTTL},
+		state:      st,
+		local:      local,
 		slots:      newSlots(opts.MaxTasks, opts.QueueLimit),
 		syncOutput: newByteBudget(opts.SyncOutputBytes),
 		replies:    newByteBudget(opts.ReplyBytes),
@@ -183,7 +211,17 @@ func newService(opts Options, sb Sandbox, code CodeStore) (*Service, error) {
 		functions:  map[string]*function{},
 		active:     map[string]*execution{},
 		idle:       make(chan struct{}),
-	}, nil
+		toSettle:   map[string]toSettle{},
+	}
+	s.finals = newFinals(st, opts.Logger, opts.Metrics, func(id string) { s.queueSettle(id, reasonFinalDropped, 0) })
+	fns, errs := local.load()
+	for _, err := range errs {
+		opts.Logger.Warn("function config not restored from its local copy", "err", err)
+	}
+	for _, fn := range fns {
+		s.functions[fn.GetName()] = s.newFunction(fn)
+	}
+	return s, nil
 }
 
 // RegisterFunction stores a function's config; it survives agent restarts.
@@ -194,13 +232,21 @@ func (s *Service) RegisterFunction(ctx context.Context, fn *fluxpb.FunctionConfi
 	fn = proto.CloneOf(fn)
 	if err := s.state.saveFunction(ctx, fn); err != nil {
 		s.metrics.RedisError(ctx, "save_function")
-		s.logger.ErrorContext(ctx, "register function", "function", fn.GetName(), "error", err)
+		s.logger.ErrorContext(ctx, "register function", "function", fn.GetName(), "err", err)
 		return &fluxpb.FunctionAck{Success: false, Message: "could not store the function: " + err.Error()}, nil
 	}
+	// Redis has it, so it is the config in force; the copy only survives
+	// Redis losing it.
 	s.mu.Lock()
 	s.functions[fn.GetName()] = s.newFunction(fn)
 	s.mu.Unlock()
 	s.slots.setLimit(fn.GetName(), int(fn.GetMaxConcurrency()))
+	if err := s.local.save(fn); err != nil {
+		// An old copy must not bring the old config back at the next start.
+		err = errors.Join(err, s.local.remove(fn.GetName()))
+		s.logger.ErrorContext(ctx, "register function: no local copy", "function", fn.GetName(), "err", err)
+		return &fluxpb.FunctionAck{Success: false, Message: "the function is stored in Redis, but not on the agent's disk: " + err.Error()}, nil
+	}
 	s.logger.InfoContext(ctx, "function registered", "function", fn.GetName(), "handler", fn.GetHandler(),
 		"memory_mb", fn.GetMemoryMb(), "cpu_millicores", fn.GetCpuMillicores(), "timeout_seconds", fn.GetTimeoutSeconds(),
 		"max_concurrency", fn.GetMaxConcurrency(), "max_concurrency_behavior", fn.GetMaxConcurrencyBehavior())
@@ -225,10 +271,15 @@ func (s *Service) function(ctx context.Context, name string) (*function, error) 
 		return nil, fmt.Errorf("function %s: %w", name, ErrNotRegistered)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if fn = s.functions[name]; fn == nil { // a RegisterFunction may have won the race
+	fn = s.functions[name]
+	if fn == nil { // a RegisterFunction may have won the race
 		fn = s.newFunction(cfg)
 		s.functions[name] = fn
+	}
+	s.mu.Unlock()
+	// Registered before the agent kept copies: keep one now.
+	if err := s.local.save(fn.cfg); err != nil {
+		s.logger.WarnContext(ctx, "no local copy of a function's config", "function", name, "err", err)
 	}
 	return fn, nil
 }
@@ -329,21 +380,25 @@ func (s *Service) ReportNodeStatus(_ context.Context, _ *fluxpb.NodeStatusReques
 }
 
 // ActiveTasks counts every execution this agent has accepted and not
-// finished, sync or async, running or queued: Flux drains a node only when
-// this is 0.
+// finished, sync or async, running or queued, and those whose final
+// records still wait for Redis: Flux drains a node only when this is 0,
+// and a node taken away before would lose them.
 func (s *Service) ActiveTasks() int {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.active)
+	n := len(s.active)
+	s.mu.Unlock()
+	return n + s.finals.count()
 }
 
 // Shutdown refuses new executions (HealthCheck then says unhealthy),
 // cancels the queued ones, lets running ones finish until ctx is done
-// (the grace), then kills what remains and returns once every final record
-// is written, or ShutdownAfterGrace after the grace, whatever Redis does:
-// it then says how many executions it could not settle (the next start
-// settles them). The gRPC server keeps serving meanwhile, so Flux still
-// reads live output and cancels.
+// (the grace), then kills what remains and returns once every execution
+// ended, or ShutdownAfterGrace after the grace, whatever Redis does. It
+// also stops the upkeep Start began: final records still waiting for
+// Redis then stay in the running set, and the next start settles them,
+// as it does the executions that did not end. The error says how many
+// there are. The gRPC server keeps serving meanwhile, so Flux still reads
+// live output and cancels.
 func (s *Service) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.draining {
@@ -353,6 +408,7 @@ func (s *Service) Shutdown(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
+	defer s.local.close()
 	for _, e := range s.activeExecutions() {
 		if s.slots.waiting(e.slot) {
 			e.cancel("the agent shut down before the execution started")
@@ -360,7 +416,8 @@ func (s *Service) Shutdown(ctx context.Context) error {
 	}
 	select {
 	case <-s.idle:
-		return nil
+		s.stopBackground()
+		return s.unsettled(0)
 	case <-ctx.Done():
 	}
 	remaining := s.activeExecutions()
@@ -368,25 +425,43 @@ func (s *Service) Shutdown(ctx context.Context) error {
 	for _, e := range remaining {
 		e.cancel("the agent shut down before the execution finished")
 	}
+	// The upkeep stops meanwhile: it may be in a Redis try.
+	upkeepStopped := make(chan struct{})
+	go func() {
+		s.stopBackground()
+		close(upkeepStopped)
+	}()
+	end := time.NewTimer(ShutdownAfterGrace)
+	defer end.Stop()
 	abandon := time.NewTimer(ShutdownAfterGrace - abandonMargin)
 	defer abandon.Stop()
 	select {
 	case <-s.idle:
-		return nil
 	case <-abandon.C:
+		for _, e := range s.activeExecutions() {
+			e.abandon()
+		}
+		select {
+		case <-s.idle:
+		case <-end.C:
+			return s.unsettled(len(s.activeExecutions()))
+		}
 	}
-	remaining = s.activeExecutions()
-	for _, e := range remaining {
-		e.abandon()
-	}
-	end := time.NewTimer(abandonMargin)
-	defer end.Stop()
 	select {
-	case <-s.idle:
-		return nil
+	case <-upkeepStopped:
 	case <-end.C:
-		return fmt.Errorf("%d executions did not end within %s of the grace; the next start settles their records", len(s.activeExecutions()), ShutdownAfterGrace)
 	}
+	return s.unsettled(0)
+}
+
+// unsettled says what Shutdown leaves for the next start to settle.
+func (s *Service) unsettled(running int) error {
+	pending := s.finals.count()
+	if running == 0 && pending == 0 {
+		return nil
+	}
+	return fmt.Errorf("%d executions did not end within %s of the grace, %d final records were not written; the next start settles them",
+		running, ShutdownAfterGrace, pending)
 }
 
 // activeExecutions lists the executions admitted and not yet retired.
@@ -398,9 +473,10 @@ func (s *Service) activeExecutions() []*execution {
 
 // Settle marks the executions that a previous run of this agent left
 // "running" (it crashed or was killed) as failed, so Flux does not wait on
-// them until their records expire. Call it once at start.
+// them until their records expire, once, within ctx. Start does the same
+// in the background, until Redis answers, and keeps doing it.
 func (s *Service) Settle(ctx context.Context) (int, error) {
-	n, err := s.state.settle(ctx, "the agent stopped before the execution finished (crash or kill); it was not run to the end")
+	n, err := s.state.settle(ctx, s.owns, s.settleReason)
 	if err != nil {
 		s.metrics.RedisError(ctx, "settle")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"slices"
 	"strconv"
@@ -220,4 +221,20 @@ func redisErrorKind(err error) string {
 	default:
 		return "other"
 	}
+}
+
+// RedisLogger carries go-redis's own messages (a dial that failed, a pool
+// that was closed, a sentinel that switched master) into logger at debug
+// level, instead of the standard logger on stderr: the agent logs and
+// counts the failures that matter to an operator where it meets them, and
+// a Redis outage must not write a line per retry. Install it with
+// redis.SetLogger before the first client is made.
+type RedisLogger struct{ Logger *slog.Logger }
+
+// Printf implements go-redis's internal logging interface.
+func (l RedisLogger) Printf(ctx context.Context, format string, v ...any) {
+	if !l.Logger.Enabled(ctx, slog.LevelDebug) {
+		return
+	}
+	l.Logger.DebugContext(ctx, "redis client", "msg", fmt.Sprintf(format, v...))
 }
