@@ -20,7 +20,10 @@ step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 step "packages"
 need=()
-for pkg_cmd in redis-server:redis-server unzip:unzip lintian:lintian dpkg-deb:dpkg-dev systemd-analyze:systemd; do
+# ip, nsenter, ps, getent: the hostile-tenant tests build network
+# namespaces (stand-ins for other hosts) and look at the node as a tenant.
+for pkg_cmd in redis-server:redis-server redis-cli:redis-tools unzip:unzip lintian:lintian dpkg-deb:dpkg-dev \
+	systemd-analyze:systemd ip:iproute2 nsenter:util-linux ipcmk:util-linux ps:procps getent:libc-bin; do
 	command -v "${pkg_cmd%%:*}" >/dev/null || need+=("${pkg_cmd#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -47,12 +50,13 @@ go -C tools build -o "$tools_bin/jaeger" github.com/jaegertracing/jaeger/cmd/jae
 export FLUX_E2E_JAEGER="$tools_bin/jaeger"
 
 if [ "$(id -u)" -eq 0 ]; then
-	# As root nothing may skip: the sandbox tests fail instead of skipping
-	# when cgroups or the runner user are missing.
+	# As root nothing may skip: the sandbox and hostile-tenant tests fail
+	# instead of skipping when cgroups, the runner user or nf_tables in a
+	# network namespace are missing.
 	sandbox/vmtest/setup-runner.sh
 	mode=v2
 	[ -d /sys/fs/cgroup/memory ] && mode=v1
-	export FLUX_SANDBOX_TEST_REQUIRE="root,$mode,runner"
+	export FLUX_SANDBOX_TEST_REQUIRE="root,$mode,runner,nftables"
 fi
 
 step "go test -race ./..."
