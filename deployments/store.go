@@ -275,7 +275,7 @@ func (s *Store) recoverFunction(name string) (*function, error) {
 	if raw, err := fnRoot.ReadFile(currentFile); err == nil {
 		var rec record
 		if err := json.Unmarshal(raw, &rec); err != nil {
-			s.log.Warn("unreadable current-version pointer; function has no current version", "function", name, "error", err)
+			s.log.Warn("unreadable current-version pointer; function has no current version", "function", name, "err", err)
 		} else {
 			fn.current = &rec
 		}
@@ -418,7 +418,7 @@ func (s *Store) removeIfNeverDeployed(name string, fn *function) {
 		return
 	}
 	if err := s.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Debug("function dir of a failed first deploy kept", "function", name, "error", err)
+		s.log.Debug("function dir of a failed first deploy kept", "function", name, "err", err)
 	}
 }
 
@@ -594,7 +594,7 @@ func (s *Store) collect(name string, fn *function) {
 	}
 	fnRoot, err := s.root.OpenRoot(name)
 	if err != nil {
-		s.log.Warn("cannot remove old versions", "function", name, "error", err)
+		s.log.Warn("cannot remove old versions", "function", name, "err", err)
 		return
 	}
 	defer fnRoot.Close()
@@ -602,7 +602,7 @@ func (s *Store) collect(name string, fn *function) {
 		// Renamed first so a crash mid-removal leaves a name Open clears.
 		trash := trashPrefix + v
 		if err := fnRoot.Rename(v, trash); err != nil {
-			s.log.Warn("cannot remove old version", "function", name, "version", v, "error", err)
+			s.log.Warn("cannot remove old version", "function", name, "version", v, "err", err)
 			continue
 		}
 		s.removeLogged(fnRoot, name, trash, "superseded")
@@ -611,7 +611,7 @@ func (s *Store) collect(name string, fn *function) {
 
 func (s *Store) removeLogged(fnRoot *os.Root, function, entry, why string) {
 	if err := fnRoot.RemoveAll(entry); err != nil {
-		s.log.Warn("cannot remove a version directory", "function", function, "entry", entry, "why", why, "error", err)
+		s.log.Warn("cannot remove a version directory", "function", function, "entry", entry, "why", why, "err", err)
 	}
 }
 

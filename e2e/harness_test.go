@@ -11,11 +11,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,6 +26,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/serverless-fabric/flux-agent/e2e/internal/testredis"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 )
 
@@ -96,62 +95,11 @@ type redisServer struct {
 
 func startRedis(t testing.TB) *redisServer {
 	t.Helper()
-	path, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is needed for e2e tests (apt-get install redis-server): %v", err)
-	}
-	dir := t.TempDir()
-	for attempt := 0; ; attempt++ {
-		port := freePort(t)
-		cmd := exec.Command(path, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-			"--save", "", "--appendonly", "no", "--dir", dir)
-		var logs bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &logs, &logs
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan struct{})
-		go func() { cmd.Wait(); close(exited) }()
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		client := redis.NewClient(&redis.Options{Addr: addr})
-		ok := waitUntil(10*time.Second, func() bool {
-			select {
-			case <-exited:
-				return true
-			default:
-			}
-			return client.Ping(context.Background()).Err() == nil
-		})
-		select {
-		case <-exited:
-			client.Close()
-			if attempt < 3 { // the port was taken between freePort and bind
-				continue
-			}
-			t.Fatalf("redis-server exited: %s", logs.String())
-		default:
-		}
-		if !ok {
-			t.Fatalf("redis-server did not answer: %s", logs.String())
-		}
-		t.Cleanup(func() {
-			client.Close()
-			cmd.Process.Kill()
-			<-exited
-		})
-		return &redisServer{Addr: addr, Client: client}
-	}
+	s := testredis.Start(t)
+	return &redisServer{Addr: s.Addr, Client: s.Client}
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t testing.TB) int { return testredis.FreePort(t) }
 
 // waitUntil polls cond until it holds or the deadline passes.
 func waitUntil(timeout time.Duration, cond func() bool) bool {

@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -21,103 +20,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/serverless-fabric/flux-agent/e2e/internal/testredis"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 )
-
-// redisProc is a redis-server a test stalls, kills and restarts on one
-// port: the faults the agent must survive.
-type redisProc struct {
-	t      testing.TB
-	port   int
-	dir    string
-	args   []string
-	cmd    *exec.Cmd
-	exited chan struct{}
-	logs   *syncBuffer
-	Addr   string
-	Client *redis.Client
-}
-
-// startRedisProc runs redis-server on a free loopback port without
-// persistence, with args added; it is killed at the end of the test.
-func startRedisProc(t testing.TB, args ...string) *redisProc {
-	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		t.Fatalf("redis-server is needed for e2e tests (apt-get install redis-server): %v", err)
-	}
-	for attempt := 0; ; attempt++ {
-		r := &redisProc{t: t, port: freePort(t), dir: t.TempDir(), args: args}
-		r.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port))
-		r.Client = redis.NewClient(&redis.Options{Addr: r.Addr, MaxRetries: -1})
-		if r.run() {
-			t.Cleanup(func() {
-				r.Client.Close()
-				r.kill()
-			})
-			return r
-		}
-		r.Client.Close()
-		if attempt == 3 { // the port was taken between freePort and bind
-			t.Fatalf("redis-server exited: %s", r.logs.String())
-		}
-	}
-}
-
-// run starts the server (with the data in its dir, if any was saved) and
-// waits until it answers; false if it exited instead.
-func (r *redisProc) run() bool {
-	args := append([]string{"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", r.dir}, r.args...)
-	cmd := exec.Command("redis-server", args...)
-	r.logs = &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = r.logs, r.logs
-	if err := cmd.Start(); err != nil {
-		r.t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	r.cmd, r.exited = cmd, exited
-	up := waitUntil(10*time.Second, func() bool {
-		select {
-		case <-exited:
-			return true
-		default:
-			return r.Client.Ping(context.Background()).Err() == nil
-		}
-	})
-	select {
-	case <-exited:
-		return false
-	default:
-	}
-	if !up {
-		r.t.Fatalf("redis-server did not answer: %s", r.logs.String())
-	}
-	return true
-}
-
-func (r *redisProc) signal(sig syscall.Signal) {
-	r.t.Helper()
-	if err := r.cmd.Process.Signal(sig); err != nil {
-		r.t.Fatal(err)
-	}
-}
-
-// kill ends the server at once, stalled or not; its port is closed then.
-func (r *redisProc) kill() {
-	r.cmd.Process.Signal(syscall.SIGCONT)
-	r.cmd.Process.Kill()
-	<-r.exited
-}
-
-// restart starts the killed server again on its port: empty, or with what
-// SAVE wrote to its dir.
-func (r *redisProc) restart() {
-	r.t.Helper()
-	if !r.run() {
-		r.t.Fatalf("redis-server did not restart: %s", r.logs.String())
-	}
-}
 
 // logCount counts the agent's log lines with message msg.
 func (a *agent) logCount(msg string) int {
@@ -165,7 +70,7 @@ func asyncWith(c fluxpb.AgentServiceClient, name string) (string, error) {
 func TestRedisStalledAcrossTheEnd(t *testing.T) {
 	t.Parallel()
 	const stall = 60 * time.Second
-	rs := startRedisProc(t)
+	rs := testredis.Start(t)
 	a := startAgent(t, &redisServer{Addr: rs.Addr}, agentOptions{AgentID: "agent-stall"})
 	c := a.client(t)
 	tr := newTrigger(t)
@@ -188,7 +93,7 @@ func TestRedisStalledAcrossTheEnd(t *testing.T) {
 		waitRecord(t, c, id, 10*time.Second, "live output", func(r *record) bool { return r.Output == "before\n" })
 	}
 
-	rs.signal(syscall.SIGSTOP)
+	rs.Signal(syscall.SIGSTOP)
 	stalled := time.Now()
 	tr.fire(t)
 	r := <-replies
@@ -216,7 +121,7 @@ func TestRedisStalledAcrossTheEnd(t *testing.T) {
 		}
 		time.Sleep(time.Second) // the pace of Flux's polling, not a synchronisation
 	}
-	rs.signal(syscall.SIGCONT)
+	rs.Signal(syscall.SIGCONT)
 	resumed := time.Now()
 	for _, id := range []string{async, syncID} {
 		var rec *record
@@ -262,7 +167,7 @@ func TestRedisStalledAcrossTheEnd(t *testing.T) {
 func TestRedisRestartsEmptyMidRun(t *testing.T) {
 	t.Parallel()
 	const agentID = "agent-empty"
-	rs := startRedisProc(t)
+	rs := testredis.Start(t)
 	a := startAgent(t, &redisServer{Addr: rs.Addr}, agentOptions{AgentID: agentID})
 	c := a.client(t)
 	tr, quiet := newTrigger(t), newTrigger(t)
@@ -285,8 +190,8 @@ func TestRedisRestartsEmptyMidRun(t *testing.T) {
 		waitRecord(t, c, id, 10*time.Second, "live output", func(r *record) bool { return r.Output == "before\n" })
 	}
 
-	rs.kill()
-	rs.restart()
+	rs.Kill()
+	rs.Restart()
 	restarted := time.Now()
 	ctx := context.Background()
 	ids := []string{async, syncID, silent}
@@ -335,8 +240,8 @@ func TestRedisRestartsEmptyMidRun(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatalf("agent exit: %v", err)
 	}
-	rs.kill()
-	rs.restart()
+	rs.Kill()
+	rs.Restart()
 	a.start(nil)
 	c = a.client(t)
 	resp, _ := execSync(t, c, "q") // its trigger fired: it ends at once
@@ -355,7 +260,7 @@ func TestRedisRestartsEmptyMidRun(t *testing.T) {
 func TestRedisUnreachableAtStart(t *testing.T) {
 	t.Parallel()
 	const agentID = "agent-unreachable"
-	rs := startRedisProc(t)
+	rs := testredis.Start(t)
 	a := startAgent(t, &redisServer{Addr: rs.Addr}, agentOptions{AgentID: agentID})
 	c := a.client(t)
 	install(t, c, fn{Name: "long", Script: "echo up\nsleep 600\n"})
@@ -367,7 +272,7 @@ func TestRedisUnreachableAtStart(t *testing.T) {
 	if err := rs.Client.Save(context.Background()).Err(); err != nil {
 		t.Fatal(err)
 	}
-	rs.kill()
+	rs.Kill()
 
 	start := time.Now()
 	a.start(nil)
@@ -384,7 +289,7 @@ func TestRedisUnreachableAtStart(t *testing.T) {
 		}
 		time.Sleep(time.Second) // Flux's pace, not a synchronisation
 	}
-	rs.restart()
+	rs.Restart()
 	reachable := time.Now()
 	rec := waitRecord(t, c, id, 20*time.Second, "settled", isFinal)
 	t.Logf("the earlier run's execution settled %s after Redis became reachable", time.Since(reachable).Round(time.Millisecond))
@@ -406,7 +311,7 @@ func TestRedisUnreachableAtStart(t *testing.T) {
 
 // clusterNode is one redis-server of a test Cluster.
 type clusterNode struct {
-	*redisProc
+	*testredis.Server
 	id string // the Cluster's node id
 }
 
@@ -420,9 +325,9 @@ func startReplicatedCluster(t *testing.T, nodeTimeout time.Duration) []*clusterN
 	var nodes []*clusterNode
 	var addrs []string
 	for range 6 {
-		r := startRedisProc(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+		r := testredis.Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
 			"--cluster-node-timeout", strconv.Itoa(int(nodeTimeout.Milliseconds())))
-		nodes = append(nodes, &clusterNode{redisProc: r})
+		nodes = append(nodes, &clusterNode{Server: r})
 		addrs = append(addrs, r.Addr)
 	}
 	out, err := exec.Command("redis-cli", append(append([]string{"--cluster", "create"}, addrs...),
@@ -580,7 +485,7 @@ func TestRedisClusterFailover(t *testing.T) {
 	}
 
 	ctx := context.Background()
-	victim.kill()
+	victim.Kill()
 	killed := time.Now()
 	var promotedAt, wroteAt time.Time
 	baseline := -1

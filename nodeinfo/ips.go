@@ -39,8 +39,8 @@ func (n *IPs) PrivateIP() string { return n.private }
 // PublicIP is the node's public address, or "" while unknown; it never blocks.
 func (n *IPs) PublicIP() string { return n.public.Get() }
 
-// PublicIPSettled is closed once the public address is known or given up on.
-func (n *IPs) PublicIPSettled() <-chan struct{} { return n.public.Done() }
+// publicIPSettled is closed once the public address is known or given up on.
+func (n *IPs) publicIPSettled() <-chan struct{} { return n.public.Done() }
 
 // Close stops a public lookup in progress and waits for it to end.
 func (n *IPs) Close() error { return n.public.Close() }

@@ -30,13 +30,9 @@ var (
 	ErrBadPublicIP = errors.New("public IP service answered with no usable IP address")
 )
 
-// LookupPublicIP asks a what-is-my-IP service (such as https://api.ipify.org,
+// lookupPublicIP asks a what-is-my-IP service (such as https://api.ipify.org,
 // which answers with the bare address) for the node's public address, within
-// DefaultPublicIPTimeout. A nil client means http.DefaultClient.
-func LookupPublicIP(ctx context.Context, client *http.Client, url string) (string, error) {
-	return lookupPublicIP(ctx, client, url, DefaultPublicIPTimeout)
-}
-
+// timeout. A nil client means http.DefaultClient.
 func lookupPublicIP(ctx context.Context, client *http.Client, url string, timeout time.Duration) (string, error) {
 	if client == nil {
 		client = http.DefaultClient

@@ -75,12 +75,12 @@ func TestLookupPublicIP(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := startServer(t, tt.handler, nil)
-			got, err := LookupPublicIP(t.Context(), srv.Client(), srv.URL)
+			got, err := lookupPublicIP(t.Context(), srv.Client(), srv.URL, DefaultPublicIPTimeout)
 			if !errors.Is(err, tt.wantErr) {
-				t.Fatalf("LookupPublicIP = %q, %v; want error %v", got, err, tt.wantErr)
+				t.Fatalf("lookupPublicIP = %q, %v; want error %v", got, err, tt.wantErr)
 			}
 			if got != tt.want {
-				t.Errorf("LookupPublicIP = %q, want %q", got, tt.want)
+				t.Errorf("lookupPublicIP = %q, want %q", got, tt.want)
 			}
 		})
 	}
@@ -124,8 +124,8 @@ func TestLookupPublicIPTimesOut(t *testing.T) {
 }
 
 func TestLookupPublicIPBadURL(t *testing.T) {
-	if got, err := LookupPublicIP(t.Context(), nil, "://nope"); err == nil {
-		t.Fatalf("LookupPublicIP of a malformed URL = %q, want an error", got)
+	if got, err := lookupPublicIP(t.Context(), nil, "://nope", DefaultPublicIPTimeout); err == nil {
+		t.Fatalf("lookupPublicIP of a malformed URL = %q, want an error", got)
 	}
 }
 
@@ -268,7 +268,7 @@ func TestIPs(t *testing.T) {
 	t.Run("configured", func(t *testing.T) {
 		ips := StartIPs("10.0.0.5", "198.51.100.1", srv.URL, srv.Client(), nil)
 		defer ips.Close()
-		<-ips.PublicIPSettled()
+		<-ips.publicIPSettled()
 		if ips.PrivateIP() != "10.0.0.5" || ips.PublicIP() != "198.51.100.1" {
 			t.Errorf("IPs = %q, %q; want the configured 10.0.0.5, 198.51.100.1", ips.PrivateIP(), ips.PublicIP())
 		}
@@ -277,7 +277,7 @@ func TestIPs(t *testing.T) {
 		ips := StartIPs("", "", srv.URL, srv.Client(), nil)
 		defer ips.Close()
 		select {
-		case <-ips.PublicIPSettled():
+		case <-ips.publicIPSettled():
 		case <-time.After(10 * time.Second):
 			t.Fatal("public IP never settled")
 		}

@@ -224,9 +224,9 @@ func (s *Sampler) noteFailure(figure string, err error, wasFailing bool) bool {
 	return err != nil
 }
 
-// ReadMemory reads the node's memory figures once, for callers that do not
+// readMemory reads the node's memory figures once, for callers that do not
 // keep a Sampler. procRoot is as for NewSampler.
-func ReadMemory(procRoot string) (Memory, error) {
+func readMemory(procRoot string) (Memory, error) {
 	source, err := openStatSource(procRoot)
 	if err != nil {
 		return Memory{}, err

@@ -110,12 +110,12 @@ func TestReadMemory(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.dir, func(t *testing.T) {
-			got, err := ReadMemory(tt.dir)
+			got, err := readMemory(tt.dir)
 			if !errors.Is(err, tt.wantErr) {
-				t.Fatalf("ReadMemory(%s) error = %v, want %v", tt.dir, err, tt.wantErr)
+				t.Fatalf("readMemory(%s) error = %v, want %v", tt.dir, err, tt.wantErr)
 			}
 			if diff := cmp.Diff(tt.want, got); diff != "" {
-				t.Errorf("ReadMemory(%s) (-want +got):\n%s", tt.dir, diff)
+				t.Errorf("readMemory(%s) (-want +got):\n%s", tt.dir, diff)
 			}
 		})
 	}

@@ -32,7 +32,6 @@ const forceEmptyAbove = 8 << 20
 // so that functions are born in them; they are reset and reused from one
 // execution to the next.
 type cgroupV1 struct {
-	log *slog.Logger
 	// self is the agent's pid: v1's cgroup.procs lists it beside the
 	// functions, because the slot's thread sits there.
 	self int
@@ -44,7 +43,7 @@ func openCgroupV1(layout cgroupLayout, root, instance string, self int, log *slo
 	if root == "" {
 		root = defaultCgroupV1Root
 	}
-	c := &cgroupV1{log: log, self: self, instance: map[string]string{}}
+	c := &cgroupV1{self: self, instance: map[string]string{}}
 	for _, ctrl := range append([]string{"cpuacct"}, v1Controllers...) {
 		mount, ok := layout.v1[ctrl]
 		if !ok {

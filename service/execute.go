@@ -628,7 +628,7 @@ func (s *Service) finish(e *execution, res *sandbox.Result, err error) {
 	if rec.Status == StatusFailed {
 		level = slog.LevelWarn
 	}
-	e.logger.Log(e.ctx, level, "execution finished", "status", rec.Status, "error", rec.Error,
+	e.logger.Log(e.ctx, level, "execution finished", "status", rec.Status, "err", rec.Error,
 		"duration_ms", rec.DurationMS, "output_bytes", rec.OutputBytes, "async", e.async)
 }
 

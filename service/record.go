@@ -6,14 +6,17 @@ import (
 	"errors"
 	"time"
 	"unicode/utf8"
+
+	"github.com/serverless-fabric/flux-agent/telemetry"
 )
 
-// Execution statuses, as Flux reads them.
+// Execution statuses, as Flux reads them in a record; spans and metrics
+// spell the outcomes the same (telemetry names them once for both).
 const (
-	StatusRunning   = "running"
-	StatusSuccess   = "success"
-	StatusFailed    = "failed"
-	StatusCancelled = "cancelled"
+	StatusRunning   = telemetry.StatusRunning
+	StatusSuccess   = telemetry.StatusSuccess
+	StatusFailed    = telemetry.StatusFailed
+	StatusCancelled = telemetry.StatusCancelled
 )
 
 // Record is the execution record GetExecution returns as JSON. The first

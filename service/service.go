@@ -320,7 +320,7 @@ func (s *Service) DeployFunction(ctx context.Context, pkg *fluxpb.DeploymentPack
 	s.metrics.Deployed(ctx, name, int64(len(pkg.GetCodeArchive())), err)
 	if err != nil {
 		span.SetStatus(codes.Error, err.Error())
-		s.logger.WarnContext(ctx, "deploy refused", "function", name, "archive_bytes", len(pkg.GetCodeArchive()), "error", err)
+		s.logger.WarnContext(ctx, "deploy refused", "function", name, "archive_bytes", len(pkg.GetCodeArchive()), "err", err)
 		return &fluxpb.DeploymentAck{Message: "deploy of " + name + " failed: " + err.Error()}, nil
 	}
 	span.SetAttributes(telemetry.AttrFunctionVersion.String(d.Version), telemetry.AttrDeployFiles.Int(d.Files))

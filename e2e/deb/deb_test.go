@@ -4,7 +4,6 @@ package deb
 
 import (
 	"archive/zip"
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -36,6 +35,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/serverless-fabric/flux-agent/e2e/internal/testredis"
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
 )
 
@@ -660,8 +660,8 @@ func checkSystemdCalls(t *testing.T, rel release) {
 // the unit gives it and a real Redis, checks its health over gRPC, then
 // stops it the way systemd would (SIGTERM, then TimeoutStopSec).
 func runInstalledAgent(t *testing.T, rel release) {
-	redisAddr := startRedis(t)
-	port := freePort(t)
+	redisAddr := testredis.Start(t).Addr
+	port := testredis.FreePort(t)
 	env := unitEnvironment(t)
 	configPath := env["AGENT_CONFIG"]
 	// A manual install's config too: purge must remove it with the dir.
@@ -972,50 +972,6 @@ func saveRunnerUser(t *testing.T) func() {
 	}
 }
 
-// startRedis runs a private redis-server on a free loopback port until the
-// test ends and returns its host:port.
-func startRedis(t *testing.T) string {
-	port := freePort(t)
-	cmd := exec.Command("redis-server", "--bind", "127.0.0.1", "--port", strconv.Itoa(port),
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir(), "--daemonize", "no")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan struct{})
-	var logBuf bytes.Buffer
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		sc := bufio.NewScanner(stdout)
-		signalled := false
-		for sc.Scan() {
-			logBuf.WriteString(sc.Text() + "\n")
-			if !signalled && strings.Contains(sc.Text(), "Ready to accept connections") {
-				close(ready)
-				signalled = true
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		<-done
-		cmd.Wait()
-	})
-	select {
-	case <-ready:
-	case <-done:
-		t.Fatalf("redis-server exited before it was ready:\n%s", logBuf.String())
-	case <-time.After(15 * time.Second):
-		t.Fatal("redis-server not ready after 15s")
-	}
-	return net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-}
-
 // unitEnvironment is the environment systemd would give the agent: the
 // unit's Environment= lines, then the drop-ins' in name order, last wins.
 func unitEnvironment(t *testing.T) map[string]string {
@@ -1109,15 +1065,6 @@ func modeOwner(t *testing.T, path string) string {
 	}
 	st := fi.Sys().(*syscall.Stat_t)
 	return fmt.Sprintf("%s %d:%d", fi.Mode().String(), st.Uid, st.Gid)
-}
-
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func mustRun(t *testing.T, name string, args ...string) string {
