@@ -21,8 +21,9 @@ const readyCheckTimeout = 5 * time.Second
 
 // httpLimits bound what clients of the operational endpoints can hold.
 type httpLimits struct {
-	// maxConns caps open connections; past it the longest-idle one is
-	// closed to let a new one in (see connLimiter).
+	// maxConns caps open connections; past it an idle one is closed to let
+	// a new one in, one that never served a request first (see
+	// connLimiter).
 	maxConns int
 	// readHeader bounds reading a request's headers, from the connection's
 	// first byte (or the end of the previous request); read bounds reading
