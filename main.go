@@ -300,7 +300,7 @@ func newAgent(ctx context.Context, cfg Config, logger *slog.Logger) (_ *agent, e
 		logger.Warn("node metrics not registered", "err", err)
 	}
 	iso := a.sandbox.Isolation()
-	if err := a.tel.Metrics.Isolation(ctx, iso.Cgroup, iso.User, len(iso.Degraded) > 0); err != nil {
+	if err := a.tel.Metrics.Isolation(ctx, iso.Cgroup, iso.User, len(iso.Degraded) > 0, iso.CheapCgroupMoves); err != nil {
 		logger.Warn("isolation metric not registered", "err", err)
 	}
 	return a, nil
@@ -481,7 +481,7 @@ func (a *agent) Run(ctx context.Context) error {
 		"metrics_address", addrOf(a.metrics), "admin", adminWhere, "redis_addr", a.cfg.RedisAddr.String(),
 		"apps_dir", a.cfg.AppsDir, "max_tasks", a.cfg.MaxTasks.Resolve(runtime.NumCPU()),
 		"isolation_cgroup", iso.Cgroup, "isolation_user", iso.User, "isolation_uid_range", iso.UIDRange.String(),
-		"isolation_network", iso.Network, "isolation_namespaces", iso.Namespaces, "isolation_degraded", iso.Degraded,
+		"isolation_network", iso.Network, "isolation_namespaces", iso.Namespaces, "isolation_favordynmods", iso.CheapCgroupMoves, "isolation_degraded", iso.Degraded,
 		"node_private_ip", a.ips.PrivateIP())
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	a.health.SetServingStatus(fluxpb.AgentService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

@@ -398,6 +398,8 @@ func TestMetricsEndpointCountsExecutions(t *testing.T) {
 	_, body := httpGet(t, a.MetricsURL+"/metrics")
 	if !strings.Contains(body, `flux_sandbox_isolation{cgroup="`) {
 		t.Errorf("/metrics lacks flux_sandbox_isolation, the operator's view of what isolates functions")
+	} else if !strings.Contains(body, `favordynmods="`) {
+		t.Errorf("flux_sandbox_isolation lacks its favordynmods label (whether the host made cgroup moves cheap)")
 	}
 	for _, id := range ids {
 		if strings.Contains(body, id) {

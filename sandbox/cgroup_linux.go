@@ -67,6 +67,10 @@ type cgroupLayout struct {
 	// v2Mount is the cgroup2 mount point; v2Own is the agent's cgroup
 	// relative to it ("" when the agent's cgroup is outside the mount).
 	v2Mount, v2Own string
+	// favorDynMods is set when the cgroup2 mount has the favordynmods
+	// option. It switches the kernel's one cgroup_threadgroup_rwsem, which
+	// every hierarchy's migrations take, v1's too, to its fast mode.
+	favorDynMods bool
 }
 
 // mode is the version the sandbox uses: v1 as soon as the memory controller
@@ -100,6 +104,7 @@ func detectLayout(mounts []*procfs.MountInfo, own []procfs.Cgroup) cgroupLayout 
 				continue
 			}
 			l.v2Mount = m.MountPoint
+			_, l.favorDynMods = m.SuperOptions["favordynmods"]
 			for _, c := range own {
 				if c.HierarchyID == 0 && len(c.Controllers) == 0 {
 					l.v2Own = pathInMount(c.Path, m.Root)
@@ -126,39 +131,58 @@ func pathInMount(p, root string) string {
 }
 
 // openCgroups finds a cgroup hierarchy this agent can write and removes
-// what crashed agents left in it, or says why there is none.
-func openCgroups(cfg Config, instance string, proc procfs.FS, self int, log *slog.Logger) (cgroupDriver, string) {
+// what crashed agents left in it, or says why there is none. cheapMoves
+// says whether moving a process between cgroups is cheap on this host (see
+// Isolation.CheapCgroupMoves).
+func openCgroups(cfg Config, instance string, proc procfs.FS, self int, log *slog.Logger) (drv cgroupDriver, cheapMoves bool, reason string) {
 	if cfg.noCgroups {
-		return nil, "cgroups disabled"
+		return nil, false, "cgroups disabled"
 	}
 	// Not root is not checked here: a delegated v2 subtree is writable
 	// without it, and elsewhere the mkdir says "permission denied".
 	mounts, err := proc.GetProcMounts(self)
 	if err != nil {
-		return nil, fmt.Sprintf("reading mounts: %v", err)
+		return nil, false, fmt.Sprintf("reading mounts: %v", err)
 	}
 	me, err := proc.Proc(self)
 	if err != nil {
-		return nil, fmt.Sprintf("reading own cgroup: %v", err)
+		return nil, false, fmt.Sprintf("reading own cgroup: %v", err)
 	}
 	own, err := me.Cgroups()
 	if err != nil {
-		return nil, fmt.Sprintf("reading own cgroup: %v", err)
+		return nil, false, fmt.Sprintf("reading own cgroup: %v", err)
 	}
 	layout := detectLayout(mounts, own)
-	var drv cgroupDriver
+	cheapMoves = layout.favorDynMods || favorDynModsBooted(proc)
 	switch layout.mode() {
 	case "v1":
 		drv, err = openCgroupV1(layout, cfg.CgroupRoot, instance, self, log)
 	case "v2":
 		drv, err = openCgroupV2(layout, cfg.CgroupRoot, instance, log)
 	default:
-		return nil, "no cgroup hierarchy is mounted"
+		return nil, false, "no cgroup hierarchy is mounted"
 	}
 	if err != nil {
-		return nil, fmt.Sprintf("cgroup %s: %v", layout.mode(), err)
+		return nil, false, fmt.Sprintf("cgroup %s: %v", layout.mode(), err)
 	}
-	return drv, ""
+	return drv, cheapMoves, ""
+}
+
+// favorDynModsBooted says whether the kernel was booted with
+// cgroup_favordynmods=true (Linux 6.7+), which makes every hierarchy
+// mounted since favour dynamic modifications.
+func favorDynModsBooted(proc procfs.FS) bool {
+	args, err := proc.CmdLine()
+	if err != nil {
+		return false
+	}
+	for _, arg := range args {
+		if v, ok := strings.CutPrefix(arg, "cgroup_favordynmods="); ok {
+			on, err := strconv.ParseBool(v)
+			return err == nil && on
+		}
+	}
+	return false
 }
 
 // removeStaleInstances removes the instance cgroups under parent whose

@@ -430,6 +430,10 @@ func TestDetectLayout(t *testing.T) {
 			v1:      map[string]string{},
 			v2Mount: "/sys/fs/cgroup", v2Own: "/system.slice/flux-agent.service",
 		}},
+		{"v2-favordynmods", "v2", cgroupLayout{
+			v1:      map[string]string{},
+			v2Mount: "/sys/fs/cgroup", v2Own: "/system.slice/flux-agent.service", favorDynMods: true,
+		}},
 		{"v2-namespaced", "v2", cgroupLayout{
 			v1:      map[string]string{},
 			v2Mount: "/sys/fs/cgroup", v2Own: "/",
@@ -712,6 +716,30 @@ kill -9 %d 2>/dev/null && echo "killed it" || echo "kill refused"`, victim.Pid()
 	for range 2 {
 		if out, _ := runIn(`id -u`); !strings.HasPrefix(out, "29000") {
 			t.Errorf("after the first two ended: %q", out)
+		}
+	}
+}
+
+// The boot parameter counts whatever the mounts say; a false or malformed
+// value does not.
+func TestFavorDynModsBooted(t *testing.T) {
+	for cmdline, want := range map[string]bool{
+		"BOOT_IMAGE=/vmlinuz root=/dev/vda1 cgroup_favordynmods=true quiet": true,
+		"cgroup_favordynmods=1":     true,
+		"cgroup_favordynmods=false": false,
+		"cgroup_favordynmods=maybe": false,
+		"root=/dev/vda1 quiet":      false,
+	} {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, "cmdline"), []byte(cmdline+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		fs, err := procfs.NewFS(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := favorDynModsBooted(fs); got != want {
+			t.Errorf("%q: %v, want %v", cmdline, got, want)
 		}
 	}
 }

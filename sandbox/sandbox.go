@@ -238,6 +238,14 @@ type Isolation struct {
 	// socket and signal no process outside their slot (Landlock scopes,
 	// Linux 6.12+).
 	Scoped bool
+	// CheapCgroupMoves is set when the host makes moving a process into a
+	// cgroup cheap (the favordynmods cgroup2 mount option or the
+	// cgroup_favordynmods=true boot parameter): without it each move waits
+	// for an RCU grace period (milliseconds, and forks host-wide wait
+	// meanwhile). Starts do not move processes (slots are made ahead), so
+	// it only shortens the making of new slots in a burst; it costs some
+	// speed of every fork and exit on the host.
+	CheapCgroupMoves bool
 	// Network is the network policy in force.
 	Network NetworkMode
 	// Degraded lists, in words, each isolation that is missing and why.

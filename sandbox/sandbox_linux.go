@@ -133,7 +133,8 @@ func newHost(cfg Config) (_ *host, err error) {
 		}
 	}
 
-	drv, reason := openCgroups(cfg, h.instance, proc, h.self, h.log)
+	drv, cheapMoves, reason := openCgroups(cfg, h.instance, proc, h.self, h.log)
+	h.iso.CheapCgroupMoves = cheapMoves
 	if drv == nil {
 		degrade("%s: no memory, cpu or pids limits, and a kill reaches only the process group", reason)
 	} else {

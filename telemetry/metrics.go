@@ -244,17 +244,21 @@ func clampInt64(v uint64) int64 {
 
 // Isolation publishes, once at start, how executions are contained on this
 // node: flux_sandbox_isolation{cgroup="v2|v1|none", user="flux-runner",
-// degraded="true|false"} 1. An operator alerts on degraded="true": the
-// agent then runs functions without some of the sandbox (not root, no
-// flux-runner user, no writable cgroup); the start-up log says which part.
-func (m *Metrics) Isolation(ctx context.Context, cgroup, user string, degraded bool) error {
+// degraded="true|false", favordynmods="true|false"} 1. An operator alerts
+// on degraded="true": the agent then runs functions without some of the
+// sandbox (not root, no flux-runner user, no writable cgroup); the start-up
+// log says which part. favordynmods says whether the host made cgroup
+// moves cheap (a tuning, see the README), which only the making of new
+// slots in a burst feels.
+func (m *Metrics) Isolation(ctx context.Context, cgroup, user string, degraded, favorDynMods bool) error {
 	g, err := m.meter.Int64Gauge("flux.sandbox.isolation",
 		metric.WithDescription("How executions are isolated on this node (always 1; read the labels)."))
 	if err != nil {
 		return fmt.Errorf("register isolation gauge: %w", err)
 	}
 	g.Record(ctx, 1, metric.WithAttributes(
-		attribute.String("cgroup", cgroup), attribute.String("user", user), attribute.Bool("degraded", degraded)))
+		attribute.String("cgroup", cgroup), attribute.String("user", user), attribute.Bool("degraded", degraded),
+		attribute.Bool("favordynmods", favorDynMods)))
 	return nil
 }
 
