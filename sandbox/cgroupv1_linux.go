@@ -284,6 +284,25 @@ func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
 	})
 }
 
+// usage reads the slot's memory charge and its CPU counter past the
+// execution's base, through the files kept open.
+func (e *execCgroupV1) usage() (Usage, error) {
+	cg := e.cg
+	mem, err := cg.files.readUint(cg.dirs["memory"], "memory.usage_in_bytes")
+	if err != nil {
+		return Usage{}, err
+	}
+	u := Usage{MemoryBytes: mem}
+	if d, ok := cg.dirs["cpuacct"]; ok {
+		v, err := cg.files.readUint(d, "cpuacct.usage")
+		if err != nil {
+			return Usage{}, err
+		}
+		u.CPUTime = e.cpuTime(v)
+	}
+	return u, nil
+}
+
 // cpuTime is the execution's share of the slot's CPU counter v.
 func (e *execCgroupV1) cpuTime(v uint64) time.Duration {
 	if v < e.cpuBase {
