@@ -52,6 +52,10 @@ type execCgroup interface {
 	// kill kills every process in the cgroup; none can fork meanwhile.
 	kill() error
 	waitEmpty(timeout time.Duration) error
+	// usage reads the memory charged now and the CPU the execution used so
+	// far (Usage.UID is the box's to fill in); only while the execution
+	// is not over: a v1 slot's cgroups are the next execution's then.
+	usage() (Usage, error)
 	measure(res *Result)
 	// release gets the cgroup ready for the slot's next execution (v1) or
 	// removes it (v2). gone says the execution's processes were proven

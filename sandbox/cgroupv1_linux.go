@@ -111,9 +111,9 @@ type slotCgroupV1 struct {
 	files    cgroupFiles
 	// held is what the limit files hold now.
 	held v1Values
-	// cpuBase and oomBase are the cumulative counters at the start of the
-	// current execution.
-	cpuBase, oomBase uint64
+	// oomBase is the OOM kill counter at the start of the current
+	// execution.
+	oomBase uint64
 }
 
 // attach makes each slot's cgroups, then moves the slots' threads in, one
@@ -160,18 +160,13 @@ func (c *cgroupV1) attach(slots []*slot) error {
 	return errors.Join(errs...)
 }
 
-// readBase notes the cumulative counters before the next execution.
+// readBase notes the OOM kill counter before the first execution.
 func (cg *slotCgroupV1) readBase() error {
 	m, err := cg.files.readFlatKeyed(cg.dirs["memory"], "memory.oom_control")
 	if err != nil {
 		return err
 	}
 	cg.oomBase = m["oom_kill"]
-	if d, ok := cg.dirs["cpuacct"]; ok {
-		if cg.cpuBase, err = cg.files.readUint(d, "cpuacct.usage"); err != nil {
-			return err
-		}
-	}
 	return nil
 }
 
@@ -184,12 +179,21 @@ func (c *cgroupV1) detach(s *slot) error {
 
 // acquire writes the execution's limits into the slot's cgroups, those
 // that differ from what they hold; the slot's thread counts as one task of
-// the pids limit.
+// the pids limit. The CPU counter spans every execution the slot ran and
+// the cleanups after them: read now, it is this execution's zero.
 func (c *cgroupV1) acquire(s *slot, l resolvedLimits) (execCgroup, error) {
 	if err := s.v1.set(v1Target(l, 1)); err != nil {
 		return nil, err
 	}
-	return &execCgroupV1{c: c, cg: s.v1, limits: l}, nil
+	e := &execCgroupV1{c: c, cg: s.v1, limits: l}
+	if d, ok := s.v1.dirs["cpuacct"]; ok {
+		base, err := s.v1.files.readUint(d, "cpuacct.usage")
+		if err != nil {
+			return nil, err
+		}
+		e.cpuBase = base
+	}
+	return e, nil
 }
 
 // unknownV1 marks limit files whose content a failed write left unknown.
@@ -223,6 +227,9 @@ type execCgroupV1 struct {
 	c      *cgroupV1
 	cg     *slotCgroupV1
 	limits resolvedLimits
+	// cpuBase is the slot's cpuacct.usage when the execution was given
+	// the cgroups; written before the box is anyone else's, then only read.
+	cpuBase uint64
 	// isEmpty is set when empty found nothing left, which waitEmpty then
 	// needs not ask again: only a member can fork into a cgroup.
 	isEmpty bool
@@ -277,7 +284,34 @@ func (e *execCgroupV1) waitEmpty(timeout time.Duration) error {
 	})
 }
 
-// measure reads the peak and the counters; the counters read are the
+// usage reads the slot's memory charge and its CPU counter past the
+// execution's base, through the files kept open.
+func (e *execCgroupV1) usage() (Usage, error) {
+	cg := e.cg
+	mem, err := cg.files.readUint(cg.dirs["memory"], "memory.usage_in_bytes")
+	if err != nil {
+		return Usage{}, err
+	}
+	u := Usage{MemoryBytes: mem}
+	if d, ok := cg.dirs["cpuacct"]; ok {
+		v, err := cg.files.readUint(d, "cpuacct.usage")
+		if err != nil {
+			return Usage{}, err
+		}
+		u.CPUTime = e.cpuTime(v)
+	}
+	return u, nil
+}
+
+// cpuTime is the execution's share of the slot's CPU counter v.
+func (e *execCgroupV1) cpuTime(v uint64) time.Duration {
+	if v < e.cpuBase {
+		return 0
+	}
+	return time.Duration(v - e.cpuBase)
+}
+
+// measure reads the peak and the counters; the OOM counter read is the
 // next execution's base.
 func (e *execCgroupV1) measure(res *Result) {
 	cg := e.cg
@@ -289,9 +323,8 @@ func (e *execCgroupV1) measure(res *Result) {
 		cg.oomBase = m["oom_kill"]
 	}
 	if d, ok := cg.dirs["cpuacct"]; ok {
-		if v, err := cg.files.readUint(d, "cpuacct.usage"); err == nil && v >= cg.cpuBase {
-			res.CPUTime = time.Duration(v - cg.cpuBase)
-			cg.cpuBase = v
+		if v, err := cg.files.readUint(d, "cpuacct.usage"); err == nil {
+			res.CPUTime = e.cpuTime(v)
 		}
 	}
 }

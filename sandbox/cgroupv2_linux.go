@@ -274,6 +274,24 @@ func (e *execCgroupV2) waitEmpty(timeout time.Duration) error {
 	})
 }
 
+// usage reads the execution's own cgroup: made for it, so its counters
+// started at zero.
+func (e *execCgroupV2) usage() (Usage, error) {
+	mem, err := readUint(e.dir, "memory.current")
+	if err != nil {
+		return Usage{}, err
+	}
+	st, err := readFlatKeyed(e.dir, "cpu.stat")
+	if err != nil {
+		return Usage{}, err
+	}
+	usec, ok := st["usage_usec"]
+	if !ok {
+		return Usage{}, fmt.Errorf("%s: no usage_usec", filepath.Join(e.dir, "cpu.stat"))
+	}
+	return Usage{MemoryBytes: mem, CPUTime: time.Duration(usec) * time.Microsecond}, nil
+}
+
 func (e *execCgroupV2) measure(res *Result) {
 	if e.sampler != nil {
 		res.PeakMemoryBytes = e.sampler.close()

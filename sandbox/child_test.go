@@ -106,6 +106,16 @@ func runTestChild(mode string, args []string) int {
 		heldMemory = mem // reachable from a global: the GC must not return it
 		fmt.Println("allocated", mib)
 		select {} // until killed
+	case "alloc-spin": // alloc-spin MiB: touch that much memory, report it and the uid, then burn CPU until killed
+		mib, _ := strconv.Atoi(args[0])
+		mem := make([]byte, mib<<20)
+		for i := 0; i < len(mem); i += 4096 {
+			mem[i] = 1
+		}
+		heldMemory = mem
+		fmt.Println("allocated", mib, "uid", os.Getuid())
+		for {
+		}
 	case "env": // print the environment sorted, then check TMPDIR is usable
 		env := os.Environ()
 		slices.Sort(env)

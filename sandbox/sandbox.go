@@ -67,6 +67,10 @@ var (
 	// read: a process that escaped the process group (no cgroup to hold it)
 	// kept the pipe open after the execution ended.
 	ErrOutputAbandoned = errors.New("output abandoned: a process outside the sandbox kept it open")
+	// ErrExecutionOver is returned by Process.Usage once the execution is
+	// over: what it used is in its Result then, and what held it (its pid,
+	// on Linux its slot's cgroups) may be another execution's already.
+	ErrExecutionOver = errors.New("execution is over")
 )
 
 // Limits bound one execution. A nil field is "no limit", which is not the
@@ -140,6 +144,23 @@ type Result struct {
 	// BlockedSample holds the first few (at most MaxBlockedSample).
 	Blocked       int
 	BlockedSample []BlockedConnection
+}
+
+// Usage is what a running execution has used so far, for an operator's
+// view of what runs now; Result holds the final figures.
+type Usage struct {
+	// UID is the uid the execution's processes run as; -1 where there is
+	// none (Windows).
+	UID int
+	// MemoryBytes is the memory charged to the execution now: on Linux its
+	// cgroup's (the pages and kernel memory its processes caused), without
+	// a cgroup the main process's resident set; on Windows the main
+	// process's commit charge, what the job's memory limit counts.
+	MemoryBytes uint64
+	// CPUTime is the CPU the execution used since it started: on Linux its
+	// cgroup's (0 on cgroup v1 without cpuacct), without a cgroup the main
+	// process's and that of the children it reaped; on Windows the job's.
+	CPUTime time.Duration
 }
 
 // MaxBlockedSample bounds Result.BlockedSample.
@@ -282,6 +303,10 @@ type (
 		// Process decides).
 		done() <-chan struct{}
 		result() Result
+		// usage reads what the execution has used so far; once it is
+		// over, ErrExecutionOver, never figures of whatever holds its
+		// containment next.
+		usage() (Usage, error)
 		logger() *slog.Logger
 	}
 )
@@ -538,6 +563,16 @@ func (p *Process) Result() Result {
 		p.result.Cancelled = p.cancelled.Load()
 	}
 	return p.result
+}
+
+// Usage reads what the execution has used so far. Once the execution is
+// over it fails with ErrExecutionOver: the final figures are in Result.
+func (p *Process) Usage() (Usage, error) {
+	u, err := p.box.usage()
+	if err != nil {
+		return Usage{}, fmt.Errorf("execution %s: usage: %w", p.spec.ID, err)
+	}
+	return u, nil
 }
 
 // Resume lets a process started with Spec.Hold run the function. It is

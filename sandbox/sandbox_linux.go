@@ -453,6 +453,52 @@ func (b *box) done() <-chan struct{} { return b.doneCh }
 func (b *box) result() Result        { return b.res }
 func (b *box) logger() *slog.Logger  { return b.log }
 
+// usage reads what the execution used so far, under killMu and only while
+// it is not over: then its slot, and on v1 the slot's cgroups, are still
+// this execution's, and so is its pid (the box reaps it only after).
+func (b *box) usage() (Usage, error) {
+	b.killMu.Lock()
+	defer b.killMu.Unlock()
+	if b.over {
+		return Usage{}, ErrExecutionOver
+	}
+	var u Usage
+	var err error
+	if b.cgroup != nil {
+		u, err = b.cgroup.usage()
+	} else {
+		u, err = processUsage(b.h.proc, b.proc.pid)
+	}
+	if err != nil {
+		return Usage{}, err
+	}
+	u.UID = b.slot.runsAs()
+	return u, nil
+}
+
+// userHZ is the unit of the CPU times in /proc/<pid>/stat (USER_HZ, 100
+// on every Linux ABI).
+const userHZ = 100
+
+// processUsage reads, where there is no cgroup, what the process pid uses:
+// its resident set, and its CPU time with that of the children it reaped.
+func processUsage(fs procfs.FS, pid int) (Usage, error) {
+	p, err := fs.Proc(pid)
+	if err != nil {
+		return Usage{}, fmt.Errorf("process %d: %w", pid, err)
+	}
+	st, err := p.Stat()
+	if err != nil {
+		return Usage{}, fmt.Errorf("process %d: %w", pid, err)
+	}
+	status, err := p.NewStatus()
+	if err != nil {
+		return Usage{}, fmt.Errorf("process %d: %w", pid, err)
+	}
+	ticks := int64(st.UTime) + int64(st.STime) + int64(st.CUTime) + int64(st.CSTime)
+	return Usage{MemoryBytes: status.VmRSS, CPUTime: time.Duration(ticks) * time.Second / userHZ}, nil
+}
+
 // resume asks the slot's thread, the process's tracer and the only thread
 // that may let it go, to do so.
 func (b *box) resume() error {

@@ -37,4 +37,5 @@ func (b *box) terminate() error      { return errors.ErrUnsupported }
 func (b *box) kill() error           { return errors.ErrUnsupported }
 func (b *box) done() <-chan struct{} { return nil }
 func (b *box) result() Result        { return Result{} }
+func (b *box) usage() (Usage, error) { return Usage{}, errors.ErrUnsupported }
 func (b *box) logger() *slog.Logger  { return slog.New(slog.DiscardHandler) }

@@ -53,7 +53,24 @@ type (
 		ActiveProcesses           uint32
 		TotalTerminatedProcesses  uint32
 	}
+	// processMemoryCounters is psapi.h's PROCESS_MEMORY_COUNTERS.
+	processMemoryCounters struct {
+		CB                         uint32
+		PageFaultCount             uint32
+		PeakWorkingSetSize         uintptr
+		WorkingSetSize             uintptr
+		QuotaPeakPagedPoolUsage    uintptr
+		QuotaPagedPoolUsage        uintptr
+		QuotaPeakNonPagedPoolUsage uintptr
+		QuotaNonPagedPoolUsage     uintptr
+		PagefileUsage              uintptr
+		PeakPagefileUsage          uintptr
+	}
 )
+
+// procGetProcessMemoryInfo is GetProcessMemoryInfo as kernel32 exports it
+// (Windows 7 on), which x/sys/windows does not wrap.
+var procGetProcessMemoryInfo = windows.NewLazySystemDLL("kernel32.dll").NewProc("K32GetProcessMemoryInfo")
 
 const (
 	jobCPURateControlEnable  = 0x1
@@ -118,9 +135,12 @@ type box struct {
 	output  *os.File // the read end of the output pipe
 	exit    chan struct{}
 	since   time.Time
-	mu      sync.Mutex // since, written by resume
-	res     Result
-	doneCh  chan struct{}
+	// mu guards since, written by resume, and over: set once the
+	// execution is over, before its handles are closed.
+	mu     sync.Mutex
+	over   bool
+	res    Result
+	doneCh chan struct{}
 }
 
 // start creates the job, starts the process suspended, assigns it to the
@@ -227,6 +247,41 @@ func (b *box) resume() error {
 	return resumeProcess(b.proc.Pid)
 }
 
+// usage reads the job's CPU time and the main process's commit charge
+// (the job APIs give only the peak of the whole job), while the handles
+// are still open.
+func (b *box) usage() (Usage, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.over {
+		return Usage{}, ErrExecutionOver
+	}
+	var acct jobBasicAccounting
+	if err := queryJobInfo(b.job, windows.JobObjectBasicAccountingInformation, &acct); err != nil {
+		return Usage{}, fmt.Errorf("job accounting: %w", err)
+	}
+	mem, err := processCommit(b.process)
+	if err != nil {
+		return Usage{}, err
+	}
+	// The job counts CPU time in 100 ns units.
+	return Usage{UID: -1, MemoryBytes: mem, CPUTime: time.Duration(acct.TotalUserTime+acct.TotalKernelTime) * 100}, nil
+}
+
+// processCommit is the private memory a process has committed, which is
+// what a job's memory limit counts.
+func processCommit(h windows.Handle) (uint64, error) {
+	if err := procGetProcessMemoryInfo.Find(); err != nil {
+		return 0, fmt.Errorf("process memory: %w", err)
+	}
+	c := processMemoryCounters{CB: uint32(unsafe.Sizeof(processMemoryCounters{}))}
+	ok, _, err := procGetProcessMemoryInfo.Call(uintptr(h), uintptr(unsafe.Pointer(&c)), uintptr(c.CB))
+	if ok == 0 {
+		return 0, fmt.Errorf("process memory: %w", err)
+	}
+	return uint64(c.PagefileUsage), nil
+}
+
 // follow copies the output and waits for the main process; once it has
 // exited, it kills the rest of the job, drains the output, measures, says
 // the execution is over and releases the job.
@@ -260,6 +315,9 @@ func (b *box) follow() {
 	_ = b.output.Close()
 	b.finish(&res)
 	b.res = res
+	b.mu.Lock()
+	b.over = true // usage must not read the handles closed below
+	b.mu.Unlock()
 	b.onDone()
 	close(b.doneCh)
 	b.closeHandles()

@@ -54,6 +54,14 @@ type slot struct {
 
 type slotCred struct{ uid, gid uint32 }
 
+// runsAs is the uid the slot's functions run as.
+func (s *slot) runsAs() int {
+	if s.cred == nil {
+		return os.Geteuid()
+	}
+	return int(s.cred.uid)
+}
+
 // do runs f on the slot's thread.
 func (s *slot) do(f func() error) error {
 	errc := make(chan error, 1)

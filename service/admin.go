@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	fluxpb "github.com/serverless-fabric/flux-agent/proto"
+	"github.com/serverless-fabric/flux-agent/sandbox"
 )
 
 // ErrDraining refuses new executions while the agent drains. Its text
@@ -191,15 +192,19 @@ func (s *Service) describe(e *execution, now time.Time) *fluxpb.ExecutionInfo {
 	if proc == nil {
 		return info
 	}
-	select {
-	case <-proc.Done(): // reaped: its pid may be another's now
-		return info
-	default:
+	// The sandbox answers only while the execution is not over: then the
+	// figures, and the pid, are still this execution's.
+	u, err := proc.Usage()
+	if errors.Is(err, sandbox.ErrExecutionOver) {
+		return info // reaped: its pid may be another's now
 	}
 	info.Pid = int32(proc.Pid())
-	if u, err := processUsage(proc.Pid()); err == nil {
-		info.Uid, info.MemoryBytes, info.CpuTimeMs = int32(u.uid), u.memoryBytes, u.cpuTime.Milliseconds()
+	if err != nil {
+		e.logger.Debug("reading a running execution's usage", "err", err)
+		return info
 	}
+	// A uid of -1 (Windows: none) shows as 0, the wire's "unknown".
+	info.Uid, info.MemoryBytes, info.CpuTimeMs = int32(max(u.UID, 0)), u.MemoryBytes, u.CPUTime.Milliseconds()
 	return info
 }
 

@@ -422,6 +422,10 @@ func TestListExecutionsAndFunctions(t *testing.T) {
 		ex[0].GetTimeoutMs() != 9000 || ex[0].GetOutputBytes() != 1 || ex[1].GetPid() != 0 {
 		t.Errorf("executions %v", ex)
 	}
+	if ex[0].GetUid() != int32(fakeUsage.UID) || ex[0].GetMemoryBytes() != fakeUsage.MemoryBytes || ex[0].GetCpuTimeMs() != 1500 ||
+		ex[1].GetUid() != 0 || ex[1].GetMemoryBytes() != 0 || ex[1].GetCpuTimeMs() != 0 {
+		t.Errorf("figures of the running one and the queued one: %v", ex)
+	}
 
 	fl, err := admin.ListFunctions(ctx, &fluxpb.ListFunctionsRequest{})
 	if err != nil {
@@ -435,6 +439,47 @@ func TestListExecutionsAndFunctions(t *testing.T) {
 	fn.release(t)
 	fn.release(t) // the second one, dequeued
 	h.waitRecord(t, "exc-second", "final", isFinal)
+}
+
+// TestListExecutionsWithoutUsage lists executions whose usage cannot be
+// read: one the sandbox says is over (its pid may be another's by now)
+// shows no pid, one it cannot measure its pid without figures.
+func TestListExecutionsWithoutUsage(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		err     error
+		wantPid int32
+	}{
+		{"over", fmt.Errorf("execution x: usage: %w", sandbox.ErrExecutionOver), 0},
+		{"unmeasured", errors.New("cgroup file unreadable"), 4242},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, nil)
+			admin, _ := h.serveAdmin(t)
+			h.sb.mu.Lock()
+			h.sb.usageErr = tc.err
+			h.sb.mu.Unlock()
+			fn := newSteps()
+			h.register(t, &fluxpb.FunctionConfig{Name: "one"}, fn.script(0, "a", "b"))
+			if _, err := h.execute(t, "one", "exc-1", true); err != nil {
+				t.Fatal(err)
+			}
+			h.waitRecord(t, "exc-1", "output", func(r *Record) bool { return r.Output == "a" })
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			list, err := admin.ListExecutions(ctx, &fluxpb.ListExecutionsRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ex := list.GetExecutions()
+			if len(ex) != 1 || ex[0].GetExecutionId() != "exc-1" || ex[0].GetPid() != tc.wantPid ||
+				ex[0].GetUid() != 0 || ex[0].GetMemoryBytes() != 0 || ex[0].GetCpuTimeMs() != 0 {
+				t.Errorf("executions %v, want pid %d and no figures", ex, tc.wantPid)
+			}
+			fn.release(t)
+			h.waitRecord(t, "exc-1", "final", isFinal)
+		})
+	}
 }
 
 func TestStatus(t *testing.T) {

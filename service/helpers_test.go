@@ -214,7 +214,13 @@ type fakeSandbox struct {
 	// runsAtOnce makes processes run without waiting for Resume, as
 	// today's sandbox does until it can hold them.
 	runsAtOnce bool
+	// usageErr, when set, is what Usage of the processes started next
+	// fails with while they run.
+	usageErr error
 }
+
+// fakeUsage is what a running fake process has used.
+var fakeUsage = sandbox.Usage{UID: 3_100_007, MemoryBytes: 12 << 20, CPUTime: 1500 * time.Millisecond}
 
 func newFakeSandbox() *fakeSandbox { return &fakeSandbox{scripts: map[string]script{}} }
 
@@ -226,7 +232,7 @@ func (f *fakeSandbox) setScript(function string, s script) {
 
 func (f *fakeSandbox) Start(ctx context.Context, spec sandbox.Spec) (Process, error) {
 	f.mu.Lock()
-	gate, starting, run, atOnce := f.gate, f.starting, f.scripts[spec.Path], f.runsAtOnce
+	gate, starting, run, atOnce, usageErr := f.gate, f.starting, f.scripts[spec.Path], f.runsAtOnce, f.usageErr
 	f.mu.Unlock()
 	if starting != nil {
 		starting <- spec
@@ -237,7 +243,7 @@ func (f *fakeSandbox) Start(ctx context.Context, spec sandbox.Spec) (Process, er
 	if run == nil {
 		return nil, fmt.Errorf("%w: no script for %s", sandbox.ErrInvalidSpec, spec.Path)
 	}
-	p := &fakeProcess{spec: spec, resumed: make(chan struct{}), cancel: make(chan struct{}), done: make(chan struct{})}
+	p := &fakeProcess{spec: spec, resumed: make(chan struct{}), cancel: make(chan struct{}), done: make(chan struct{}), usageErr: usageErr}
 	if atOnce {
 		p.Resume()
 	}
@@ -266,6 +272,7 @@ type fakeProcess struct {
 	done       chan struct{}
 	ran        atomic.Bool
 	result     sandbox.Result
+	usageErr   error
 }
 
 func (p *fakeProcess) live(run script) {
@@ -293,6 +300,18 @@ func (p *fakeProcess) Cancel()                { p.cancelOnce.Do(func() { close(p
 func (p *fakeProcess) Resume() error          { p.resumeOnce.Do(func() { close(p.resumed) }); return nil }
 func (p *fakeProcess) wasResumed() bool       { return isClosed(p.resumed) }
 func (p *fakeProcess) env(key string) string  { return envValue(p.spec.Env, key) }
+
+// Usage is fakeUsage while the process runs, as the sandbox's: an error
+// wrapping sandbox.ErrExecutionOver once it is done.
+func (p *fakeProcess) Usage() (sandbox.Usage, error) {
+	switch {
+	case isClosed(p.done):
+		return sandbox.Usage{}, fmt.Errorf("execution %s: usage: %w", p.spec.ID, sandbox.ErrExecutionOver)
+	case p.usageErr != nil:
+		return sandbox.Usage{}, p.usageErr
+	}
+	return fakeUsage, nil
+}
 
 func envValue(env []string, key string) string {
 	for _, kv := range env {

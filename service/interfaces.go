@@ -28,6 +28,9 @@ type Process interface {
 	Cancel()
 	// Resume lets a held process run.
 	Resume() error
+	// Usage reads what the execution has used so far; once it is over,
+	// an error wrapping sandbox.ErrExecutionOver.
+	Usage() (sandbox.Usage, error)
 }
 
 // CodeStore pins deployed code for executions: the service's view of
