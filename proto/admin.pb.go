@@ -418,8 +418,9 @@ type ExecutionInfo struct {
 	// uid and pid of the function's process; 0 while queued or unknown.
 	Uid int32 `protobuf:"varint,7,opt,name=uid,proto3" json:"uid,omitempty"`
 	Pid int32 `protobuf:"varint,8,opt,name=pid,proto3" json:"pid,omitempty"`
-	// What it used so far: memory charged to its cgroup now, CPU time since
-	// it started; 0 when not measured.
+	// What it used so far: memory charged to its cgroup now (without
+	// cgroups the main process's resident memory; on Windows its commit
+	// charge), CPU time since it started; 0 when not measured.
 	MemoryBytes      uint64 `protobuf:"varint,9,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	CpuTimeMs        int64  `protobuf:"varint,10,opt,name=cpu_time_ms,json=cpuTimeMs,proto3" json:"cpu_time_ms,omitempty"`
 	MemoryLimitBytes int64  `protobuf:"varint,11,opt,name=memory_limit_bytes,json=memoryLimitBytes,proto3" json:"memory_limit_bytes,omitempty"`
